@@ -1,0 +1,1 @@
+"""The four stages of a margin build: planning -> mapping -> reducing -> finishing."""

@@ -1,0 +1,110 @@
+"""Finishing: metadata, partition info, then hats.properties last, then clean-up.
+
+Until hats.properties is renamed into place, the output is not a valid catalog. A run
+killed after that point but before its intermediate files are removed is completed by
+the next run with the same arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import hats
+from hats.catalog import TableProperties
+from hats.pixel_math import HealpixPixel
+from hats.pixel_math.healpix_pixel_function import sort_pixels
+
+from hats_margin._version import __version__
+from hats_margin.io import (
+    is_local,
+    iter_files_size,
+    output_file,
+    read_footer,
+    remove_tree,
+    write_metadata_files,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def finish(plan, pixel_rows: dict[tuple[int, int], int]) -> dict:
+    """Write the catalog-level files; returns a summary."""
+    args, catalog = plan.args, plan.catalog
+    target = args.catalog_path
+    pixels = sort_pixels([HealpixPixel(o, p) for (o, p), n in pixel_rows.items() if n > 0])
+    files = [output_file(target, p.order, p.pixel, args.npix_suffix, args.npix_parquet_name) for p in pixels]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        footers = list(pool.map(read_footer, files))
+    written = sum(f.num_rows for f in footers)
+    expected = sum(pixel_rows.values())
+    if written != expected:
+        raise RuntimeError(f"the margin files hold {written} rows, the map stage sent {expected}")
+    dataset = str(target / "dataset").rstrip("/") + "/"
+    relative = [str(f)[len(dataset):] for f in files]
+    write_metadata_files(target, catalog.schema, list(zip(relative, footers)), args.create_metadata)
+    lines = ["Norder,Npix"] + [f"{p.order},{p.pixel}" for p in pixels]
+    (target / "partition_info.csv").write_text("\n".join(lines) + "\n")
+    if args.create_plot:
+        from hats_margin.plot import plot_margin
+
+        plot_margin(plan, pixel_rows, target / "margin_sky_map.png")
+    properties = _properties(plan, pixels, written)
+    _write_properties_last(properties, target)
+    return {"total_rows": written, "pixels": [(p.order, p.pixel) for p in pixels]}
+
+
+def _properties(plan, pixels, total_rows) -> TableProperties:
+    args, catalog = plan.args, plan.catalog
+    sky_fraction = round(sum(4.0 ** -p.order for p in pixels) / 12.0, 5)
+    size_kb = int(sum(iter_files_size(args.catalog_path / "dataset")) / 1024)
+    values = {
+        "catalog_name": args.output_artifact_name,
+        "catalog_type": "margin",
+        "total_rows": int(total_rows),
+        "ra_column": catalog.properties.ra_column,
+        "dec_column": catalog.properties.dec_column,
+        "healpix_column": catalog.healpix_column,
+        "healpix_order": int(catalog.healpix_order),
+        "primary_catalog": str(args.input_catalog_path),
+        "margin_threshold": float(plan.threshold_arcsec),
+        "npix_suffix": args.npix_suffix,
+        "moc_sky_fraction": sky_fraction,
+        "hats_order": max((p.order for p in pixels), default=catalog.highest_order),
+        "hats_estsize": size_kb,
+    }
+    extra = dict(args.addl_hats_properties or {})
+    extra.update(
+        {
+            "hats_margin_order": int(plan.margin_order),
+            "hats_margin_fine_filtering": str(bool(args.fine_filtering)).lower(),
+            "hats_builder": f"hats-margin v{__version__}, hats v{hats.__version__}",
+            "hats_creation_date": datetime.now(tz=timezone.utc).strftime("%Y-%m-%dT%H:%M%Z"),
+            "hats_version": "v1.0",
+        }
+    )
+    return TableProperties(**values, **extra)
+
+
+def _write_properties_last(properties: TableProperties, target):
+    tmp = target / ".hats.properties.tmp"
+    properties.to_properties_file_path(tmp, initial_comments="HATS catalog")
+    text = tmp.read_text()
+    if is_local(target):
+        os.replace(Path(tmp.path), Path((target / "hats.properties").path))
+    else:
+        (target / "hats.properties").write_text(text)
+        tmp.unlink(missing_ok=True)
+    (target / "properties").write_text(text)
+
+
+def clean_up(plan):
+    """Remove this run's intermediate directory (and its tmp_dir/<name> parent if left empty)."""
+    base = plan.layout.base
+    remove_tree(base)
+    parent = base.parent
+    if parent != plan.args.catalog_path and parent.exists() and not any(parent.iterdir()):
+        parent.rmdir()

@@ -1,0 +1,118 @@
+"""Mapping: one task per source partition sends its margin rows to per-destination shards.
+
+Row group by row group (memory bounded by one row group): read the spatial index, find
+candidate (row, destination) pairs from the nested bits (geometry.candidate_pairs), in
+exact mode read ra/dec of the candidates and keep those within the threshold
+(pixel_distance), and only then read the full row group to write the selected rows.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from hats_margin import geometry
+from hats_margin.errors import InputCatalogError
+from hats_margin.io import (
+    ShardWriters,
+    check_file_schema,
+    conform,
+    leaf_files,
+    open_parquet,
+    read_json,
+    read_row_group,
+    write_json,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def map_partition(task) -> dict:
+    """Run one map task; returns (and records in its done marker) rows sent per destination."""
+    marker = task.layout.map_marker(*task.source)
+    done = read_json(marker)
+    if done is not None:
+        return done
+    try:
+        rows = _map(task)
+    except Exception as exc:
+        exc.add_note(f"hats-margin: while mapping partition Norder={task.source[0]}/Npix={task.source[1]} ({task.leaf})")
+        raise
+    payload = {"source": list(task.source), "rows": {f"{o}_{p}": n for (o, p), n in sorted(rows.items())}}
+    write_json(marker, payload)
+    return payload
+
+
+def _map(task) -> dict[tuple[int, int], int]:
+    dests = geometry.Tiling.from_pixels(task.dest_orders, task.dest_pixels)
+    writers = ShardWriters(task.layout, *task.source, task.schema)
+    try:
+        for path in leaf_files(task.leaf, task.input_suffix):
+            parquet = open_parquet(path)
+            check_file_schema(parquet, path, task.schema)
+            for group in range(parquet.num_row_groups):
+                _map_row_group(task, dests, parquet, path, group, writers)
+    finally:
+        writers.close()
+    return dict(writers.rows)
+
+
+def _map_row_group(task, dests, parquet, path, group, writers):
+    index = read_row_group(parquet, path, group, [task.healpix_column]).column(0)
+    if index.null_count:
+        raise InputCatalogError(f"{path}: the spatial index column {task.healpix_column!r} has null values")
+    spatial_index = index.to_numpy().astype(np.int64, copy=False)
+    _check_rows_in_partition(task, path, spatial_index)
+    if len(dests) == 0:
+        return
+    rows, dest_idx = geometry.candidate_pairs(
+        spatial_index, task.healpix_order, *task.source, task.search_order, task.rings, dests
+    )
+    if len(rows) == 0:
+        return
+    if task.fine_filtering:
+        rows, dest_idx = _exact_filter(task, dests, parquet, path, group, rows, dest_idx)
+        if len(rows) == 0:
+            return
+    table = conform(read_row_group(parquet, path, group), task.schema)
+    for lo, hi in _runs(dest_idx):
+        dest = (int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
+        writers.write(dest, table.take(pa.array(rows[lo:hi])))
+
+
+def _check_rows_in_partition(task, path, spatial_index):
+    order, pixel = task.source
+    owner = spatial_index >> (2 * (task.healpix_order - order))
+    wrong = np.flatnonzero(owner != pixel)
+    if len(wrong):
+        raise InputCatalogError(
+            f"{path}: {len(wrong)} row(s) have a spatial index outside partition Norder={order}/Npix={pixel} "
+            f"(first: {task.healpix_column}={int(spatial_index[wrong[0]])}, which is in order-{order} pixel "
+            f"{int(owner[wrong[0]])}); the catalog is mis-partitioned"
+        )
+
+
+def _exact_filter(task, dests, parquet, path, group, rows, dest_idx):
+    from hats_margin.pixel_distance import within_threshold_of_pixel
+
+    radec = read_row_group(parquet, path, group, [task.ra_column, task.dec_column])
+    ra = radec.column(0).to_numpy()
+    dec = radec.column(1).to_numpy()
+    keep = np.zeros(len(rows), dtype=bool)
+    for lo, hi in _runs(dest_idx):
+        sel = rows[lo:hi]
+        keep[lo:hi] = within_threshold_of_pixel(
+            ra[sel], dec[sel], int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]), task.threshold_arcsec
+        )
+    return rows[keep], dest_idx[keep]
+
+
+def _runs(sorted_keys: np.ndarray):
+    """(lo, hi) bounds of the runs of equal values in a sorted array."""
+    if len(sorted_keys) == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(sorted_keys)) + 1
+    bounds = np.concatenate([[0], cuts, [len(sorted_keys)]])
+    return list(zip(bounds[:-1], bounds[1:]))
