@@ -227,3 +227,28 @@ def candidate_pairs(
     dests = pair_dest[first + offsets]
     by_dest = np.lexsort((rows, dests))
     return rows[by_dest], dests[by_dest]
+
+
+def negative_tree(orders, pixels) -> tuple[np.ndarray, np.ndarray]:
+    """The fewest pixels covering the sky not covered by the given disjoint pixels.
+
+    Equivalent to hats' ``generate_negative_tree_pixels`` (the leaves of the 12 base pixels
+    aligned with the catalog tree that hold no catalog pixel) without its JIT start-up cost.
+    Returns ``(orders, pixels)`` sorted by position.
+    """
+    tiling = Tiling.from_pixels(orders, pixels)
+    sky_end = 12 << (2 * MAX_ORDER)
+    gap_starts = np.concatenate([[0], tiling.ends])
+    gap_ends = np.concatenate([tiling.starts, [sky_end]])
+    out_orders, out_pixels = [], []
+    for start, end in zip(gap_starts.tolist(), gap_ends.tolist()):
+        while start < end:
+            # the largest aligned block that starts at `start` and fits before `end`
+            level = min(MAX_ORDER, ((start & -start).bit_length() - 1) // 2 if start else MAX_ORDER)
+            while (1 << (2 * level)) > end - start:
+                level -= 1
+            order = MAX_ORDER - level
+            out_orders.append(order)
+            out_pixels.append(start >> (2 * level))
+            start += 1 << (2 * level)
+    return np.asarray(out_orders, dtype=np.int64), np.asarray(out_pixels, dtype=np.int64)

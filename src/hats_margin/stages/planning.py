@@ -19,7 +19,7 @@ import pyarrow as pa
 from hats.catalog import TableProperties
 from upath import UPath
 
-from hats_margin import geometry
+from hats_margin import collection, geometry
 from hats_margin.arguments import MarginCacheArguments
 from hats_margin.errors import ArgumentError, InputCatalogError
 from hats_margin.io import TempLayout, as_upath, is_local, leaf_path, list_leaves, read_input_schema
@@ -97,6 +97,7 @@ def make_plan(args: MarginCacheArguments) -> Plan:
 
 # ------------------------------------------------------------------------ input checks
 def open_input(path) -> InputCatalog:
+    """The primary catalog at ``path`` (for a HATS collection, the collection's primary)."""
     path = as_upath(path)
     if not path.exists():
         raise InputCatalogError(f"input_catalog_path {path} does not exist")
@@ -105,8 +106,7 @@ def open_input(path) -> InputCatalog:
             f"input_catalog_path {path} is not a directory: give the directory of a HATS catalog "
             "(the one holding hats.properties)"
         )
-    if (path / "collection.properties").exists():
-        raise InputCatalogError(_collection_message(path))
+    path = collection.primary_path(path)
     try:
         properties = TableProperties.read_from_dir(path)
     except FileNotFoundError as exc:
@@ -136,11 +136,12 @@ def open_input(path) -> InputCatalog:
                 "a margin needs the primary's ra/dec columns"
             )
     try:
-        loaded = hats.read_hats(path)
+        loaded = hats.read_hats(path, read_moc=False)
     except Exception as exc:  # hats raises many types for broken catalogs
         raise InputCatalogError(f"hats cannot open {path}: {type(exc).__name__}: {exc}") from exc
     partitions = tuple((p.order, p.pixel) for p in loaded.get_healpix_pixels())
-    negative = tuple((p.order, p.pixel) for p in loaded.generate_negative_tree_pixels())
+    neg_orders, neg_pixels = geometry.negative_tree([o for o, _ in partitions], [p for _, p in partitions])
+    negative = tuple(zip(neg_orders.tolist(), neg_pixels.tolist()))
     suffix = properties.npix_suffix or ".parquet"
     present = list_leaves(path)
     missing = sorted(set(partitions) - present)
@@ -151,17 +152,6 @@ def open_input(path) -> InputCatalog:
             + (" ..." if len(missing) > 5 else "")
         )
     return InputCatalog(path, properties, schema, partitions, negative, healpix_column, healpix_order, suffix)
-
-
-def _collection_message(path: UPath) -> str:
-    try:
-        primary = hats.read_hats(path).collection_properties.hats_primary_table_url
-    except Exception:  # noqa: BLE001 - only used to improve the message
-        primary = "<primary catalog>"
-    return (
-        f"input_catalog_path {path} is a HATS collection; give the catalog inside it, "
-        f"e.g. {path / str(primary)}"
-    )
 
 
 def check_output_location(args: MarginCacheArguments, input_path: UPath):

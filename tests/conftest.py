@@ -1,0 +1,65 @@
+"""Shared fixtures: paths to the fixture catalogs, one session Dask client, input checksums."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+from distributed import Client
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "fixtures"
+CATALOGS = SHARED / "catalogs"
+REFERENCE_MARGINS = SHARED / "reference_margins"
+SAMPLE = REPO / "src" / "hats_margin" / "data" / "small_sky_source_catalog"
+
+
+def tree_checksum(root: Path) -> str:
+    """Hash of every file's relative path and bytes under root."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def catalogs() -> Path:
+    return CATALOGS
+
+
+@pytest.fixture(scope="session")
+def reference_margins() -> Path:
+    return REFERENCE_MARGINS
+
+
+@pytest.fixture(scope="session")
+def client():
+    """One in-process Dask client for the whole session (fast); tests that need worker
+    processes make their own cluster."""
+    with Client(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as c:
+        yield c
+
+
+@pytest.fixture(scope="session", autouse=True)
+def inputs_are_never_modified():
+    """The fixture catalogs are checksummed before and after the whole session."""
+    roots = [CATALOGS, REFERENCE_MARGINS]
+    before = {root: tree_checksum(root) for root in roots if root.exists()}
+    yield
+    after = {root: tree_checksum(root) for root in before}
+    assert before == after, "a test modified the shared input catalogs"
+
+
+@pytest.fixture
+def copy_catalog(tmp_path):
+    """Copy a fixture catalog into tmp_path (for tests that damage or extend it)."""
+
+    def _copy(name: str, source_root: Path = CATALOGS) -> Path:
+        target = tmp_path / "inputs" / Path(name).name
+        shutil.copytree(source_root / name, target)
+        return target
+
+    return _copy

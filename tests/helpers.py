@@ -1,0 +1,33 @@
+"""Small helpers for comparing margin catalogs in tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def pixel_files(catalog: Path) -> dict[tuple[int, int], list[Path]]:
+    """(order, pixel) -> parquet files, for both leaf layouts."""
+    result: dict[tuple[int, int], list[Path]] = {}
+    for path in sorted(Path(catalog, "dataset").glob("Norder=*/Dir=*/Npix=*")):
+        order = int(path.parts[-3].split("=")[1])
+        pixel = int(path.name.split("=")[1].split(".")[0])
+        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        result[(order, pixel)] = files
+    return result
+
+
+def sorted_rows(table: pa.Table) -> list[tuple]:
+    """Rows as tuples, sorted: an order-insensitive multiset comparison key."""
+    columns = [table.column(i).to_pylist() for i in range(table.num_columns)]
+    return sorted(zip(*columns), key=repr)
+
+
+def rows_per_pixel(catalog: Path) -> dict[tuple[int, int], list[tuple]]:
+    out = {}
+    for pixel, files in pixel_files(catalog).items():
+        table = pa.concat_tables([pq.read_table(f) for f in files])
+        out[pixel] = sorted_rows(table)
+    return out
