@@ -29,27 +29,29 @@ MAX_ORDER = 29
 RING_SAFETY = 0.98
 
 
+# hats' order2mindist (arcsec) for every order, computed once (it goes through astropy units)
+_MINDIST_ARCSEC = np.array([float(order2mindist(k)) * 60.0 for k in range(MAX_ORDER + 1)])
+
+
 def ring_reach_arcsec(order: int) -> float:
     """Distance (arcsec) that one ring of order-``order`` neighbours is guaranteed to cover.
 
     Every point whose great-circle distance to a cell ``c`` is at most this value lies in
     ``c`` or in one of its (up to 8) neighbours.
     """
-    return float(order2mindist(int(order))) * 60.0 * RING_SAFETY
+    return float(_MINDIST_ARCSEC[int(order)]) * RING_SAFETY
 
 
 def coarse_order_for_threshold(threshold_arcsec: float) -> int:
     """The importer's default margin order: the largest order whose estimated minimum
     cell width (hats ``order2mindist``) is at least the threshold, clipped to 0..29."""
-    for order in range(MAX_ORDER, -1, -1):
-        if float(order2mindist(order)) * 60.0 >= threshold_arcsec:
-            return order
-    return 0
+    fits = np.flatnonzero(_MINDIST_ARCSEC >= threshold_arcsec)
+    return int(fits[-1]) if len(fits) else 0
 
 
 def coarse_reach_arcsec(order: int) -> float:
     """What a coarse margin at ``order`` guarantees (hats ``order2mindist``, arcsec)."""
-    return float(order2mindist(int(order))) * 60.0
+    return float(_MINDIST_ARCSEC[int(order)])
 
 
 def rings_needed(threshold_arcsec: float, order: int) -> int:
@@ -252,3 +254,27 @@ def negative_tree(orders, pixels) -> tuple[np.ndarray, np.ndarray]:
             out_pixels.append(start >> (2 * level))
             start += 1 << (2 * level)
     return np.asarray(out_orders, dtype=np.int64), np.asarray(out_pixels, dtype=np.int64)
+
+
+def cell_centres_and_radii(cells: np.ndarray, order: int):
+    """Centre (ra_deg, dec_deg) of each cell and a radius (arcsec) enclosing the whole cell.
+
+    The radius is the largest centre-to-boundary distance over 16 boundary points (corners and
+    edge points), times 1.05: HEALPix cells are near-convex quadrilaterals whose farthest
+    points are their corners, so this bounds the cell with room to spare.
+    """
+    cells = np.asarray(cells, dtype=np.uint64)
+    lon, lat = cds.healpix_to_lonlat(cells, order)
+    ra, dec = lon.to_value("deg"), lat.to_value("deg")
+    v_lon, v_lat = cds.vertices(cells, order, step=4)
+    centre = _unit(ra, dec)[:, None, :]
+    boundary = _unit(v_lon.to_value("deg"), v_lat.to_value("deg"))
+    cross = np.linalg.norm(np.cross(centre, boundary), axis=-1)
+    dot = np.sum(centre * boundary, axis=-1)
+    radius_arcsec = np.degrees(np.arctan2(cross, dot)).max(axis=1) * 3600.0
+    return ra, dec, radius_arcsec * 1.05 + 1e-6
+
+
+def _unit(ra_deg, dec_deg) -> np.ndarray:
+    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
+    return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)

@@ -80,7 +80,7 @@ def list_leaves(catalog: UPath) -> set[tuple[int, int]]:
     if not dataset.exists():
         return set()
     found = set()
-    root = dataset.path.rstrip("/")
+    root = dataset.fs._strip_protocol(dataset.path).rstrip("/")  # what find() returns (absolute when local)
     for file in dataset.fs.find(dataset.path):
         parts = file[len(root):].lstrip("/").split("/")
         if len(parts) < 3:
@@ -135,11 +135,36 @@ def check_file_schema(file: pq.ParquetFile, path: UPath, schema: pa.Schema):
 
 
 def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
+    """A cast that keeps the kind of values (numbers stay numbers, text stays text...).
+
+    Casting an empty array says only that arrow has a kernel: string -> double "works" on no
+    rows and then fails on the data, far from the file. So the kinds must match as well."""
+    if pa.types.is_dictionary(src):
+        src = src.value_type
+    if pa.types.is_dictionary(dst):
+        dst = dst.value_type
+    if _kind(src) != _kind(dst) or _kind(src) is None and src != dst:
+        return False
     try:
         pa.array([], type=src).cast(dst)
         return True
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return False
+
+
+def _kind(kind: pa.DataType) -> str | None:
+    t = pa.types
+    for name, test in (
+        ("number", lambda x: t.is_integer(x) or t.is_floating(x) or t.is_decimal(x)),
+        ("text", lambda x: t.is_string(x) or t.is_large_string(x) or t.is_string_view(x)),
+        ("binary", lambda x: t.is_binary(x) or t.is_large_binary(x) or t.is_fixed_size_binary(x)),
+        ("boolean", t.is_boolean),
+        ("time", lambda x: t.is_timestamp(x) or t.is_date(x)),
+        ("list", lambda x: t.is_list(x) or t.is_large_list(x) or t.is_fixed_size_list(x)),
+    ):
+        if test(kind):
+            return name
+    return None
 
 
 def read_row_group(file: pq.ParquetFile, path: UPath, index: int, columns=None) -> pa.Table:

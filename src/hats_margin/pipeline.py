@@ -8,6 +8,8 @@
   spatial index, into the final parquet file.
 - ``finishing`` (driver): ``_metadata``, ``partition_info.csv``, ``hats.properties``
   (last), then removes the intermediate files.
+- ``collection`` (driver): when the input is a HATS collection, the new margin is added to
+  its ``collection.properties`` (``all_margins``, ``default_margin`` when unset).
 
 ``pipeline(args)`` owns a local Dask cluster; ``pipeline_with_client(args, client)``
 borrows the caller's client. Every task is idempotent and leaves a done marker, so a
@@ -17,6 +19,7 @@ re-run with the same arguments resumes where a killed run stopped.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -24,11 +27,11 @@ from distributed import Client, LocalCluster
 from hats.catalog import TableProperties
 from upath import UPath
 
-from hats_margin import notify, runner
+from hats_margin import collection, notify, runner
 from hats_margin.arguments import MarginCacheArguments
-from hats_margin.errors import ArgumentError, OutputExistsError
+from hats_margin.errors import ArgumentError, OutputExistsError, StageFailedError
 from hats_margin.io import margin_write_kwargs, output_file, read_json, remove_tree
-from hats_margin.resume import LOCK_NAME, OutputLock, prepare_intermediate
+from hats_margin.resume import LOCK_NAME, OutputLock, fingerprint_digest, prepare_intermediate
 from hats_margin.stages import finishing, mapping, planning, reducing
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,10 @@ _OUR_NAMES = {
     "margin_sky_map.png",
     LOCK_NAME,
 }
+# temporary file of an atomic lock rewrite cut short (io.write_json's naming)
+_OUR_TEMP = re.compile(r"^\." + re.escape(LOCK_NAME) + r"\.\d+\.tmp$")
+# returned by _prepare_output: a dead run with the same values had written the whole catalog
+_COMPLETE = "complete"
 
 
 @dataclass
@@ -75,6 +82,7 @@ def pipeline(args: MarginCacheArguments) -> MarginCacheResult:
         threads_per_worker=args.dask_threads_per_worker,
         local_directory=None if args.dask_tmp is None else str(args.dask_tmp),
         dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": ":0"},  # its HTTP server: any free port, no "8787 in use" warning
     ) as cluster, Client(cluster) as client:
         return pipeline_with_client(args, client)
 
@@ -86,6 +94,8 @@ def pipeline_with_client(args: MarginCacheArguments, client: Client) -> MarginCa
     start = time.perf_counter()
     try:
         result = _run(args, client)
+        if collection.is_collection(args.input_catalog_path):
+            collection.register_margin(args.input_catalog_path, result.catalog_path)
     except Exception as exc:
         notify.send_completion_email(
             args, success=False, body=f"elapsed: {time.perf_counter() - start:.1f} s\n\nFailed with:\n\n{exc}"
@@ -107,14 +117,19 @@ def _run(args: MarginCacheArguments, client: Client) -> MarginCacheResult:
     with clock("planning"), runner.progress("Planning", 3, args.progress_bar) as bar:
         plan = planning.make_plan(args)
         bar.update(1)
-        lock = OutputLock(args.catalog_path)
+        lock = OutputLock(args.catalog_path, plan.fingerprint)
         lock.acquire()
         try:
-            resumed = _prepare_output(plan)
+            resumed = _prepare_output(plan, lock)
         except BaseException:
             lock.release()
             raise
         bar.update(2)
+    if resumed == _COMPLETE:
+        try:
+            return _complete_earlier_run(plan, clock)
+        finally:
+            lock.release()
     try:
         hint = (
             f"Fix the cause and run again with the same arguments to resume; work done so far is kept in "
@@ -140,9 +155,13 @@ def _run(args: MarginCacheArguments, client: Client) -> MarginCacheResult:
                 progress_bar=args.progress_bar, skipped=len(reduce_tasks) - len(todo), resume_hint=hint,
             )
         with clock("finishing"), runner.progress("Finishing", 2, args.progress_bar) as bar:
-            summary = finishing.finish(plan, {t.pixel: t.expected_rows for t in reduce_tasks})
-            bar.update(1)
-            finishing.clean_up(plan)
+            try:
+                lock.set_phase("finishing")
+                summary = finishing.finish(plan, {t.pixel: t.expected_rows for t in reduce_tasks})
+                bar.update(1)
+                finishing.clean_up(plan)
+            except Exception as exc:
+                raise StageFailedError("finishing", {"finishing": exc}, hint) from exc
             bar.update(1)
     finally:
         lock.release()
@@ -160,21 +179,26 @@ def _run(args: MarginCacheArguments, client: Client) -> MarginCacheResult:
     return result
 
 
-def _prepare_output(plan) -> bool:
-    """Decide what to do with what is already at the output. Returns True when resuming."""
+def _prepare_output(plan, lock: OutputLock) -> bool | str:
+    """Decide what to do with what is already at the output. Returns True when resuming, and
+    _COMPLETE when a dead run with the same values had already written the whole catalog."""
     args, target = plan.args, plan.args.catalog_path
-    names = {p.name for p in target.iterdir()}
+    names = set()
+    for path in target.iterdir():
+        if _OUR_TEMP.match(path.name):
+            path.unlink(missing_ok=True)  # a lock write cut short by a crash
+        else:
+            names.add(path.name)
     if _is_valid_properties(target):
-        recorded = read_json(plan.layout.run_file) if args.resume else None
-        unfinished = recorded is not None and recorded.get("fingerprint") == plan.fingerprint
-        if not unfinished:
-            if not args.overwrite:
-                raise OutputExistsError(
-                    f"{target} already contains a valid catalog; pass overwrite=True (CLI: --overwrite) to "
-                    "replace it, or choose another output_artifact_name"
-                )
-            _clear_artifact(target, names)
-            names = {LOCK_NAME}
+        if args.resume and _written_by_same_run(plan, lock):
+            return _COMPLETE
+        if not args.overwrite:
+            raise OutputExistsError(
+                f"{target} already contains a valid catalog; pass overwrite=True (CLI: --overwrite) to "
+                "replace it, or choose another output_artifact_name"
+            )
+        _clear_artifact(target, names)
+        names = {LOCK_NAME}
     foreign = sorted(names - _OUR_NAMES)
     if foreign:
         if not args.overwrite:
@@ -185,7 +209,7 @@ def _prepare_output(plan) -> bool:
         _clear_artifact(target, names)
     resumed = prepare_intermediate(plan.layout, plan.fingerprint, args.resume)
     if not resumed:
-        for name in ("dataset", "partition_info.csv", "hats.properties", "properties"):
+        for name in ("hats.properties", "properties", "dataset", "partition_info.csv"):
             path = target / name
             if path.exists():
                 remove_tree(path) if path.is_dir() else path.unlink()
@@ -200,10 +224,51 @@ def _is_valid_properties(target: UPath) -> bool:
     return True
 
 
+def _written_by_same_run(plan, lock: OutputLock) -> bool:
+    """Was the valid catalog at the output written by a run with the same values that then died
+    (before its clean-up ended)? Its run.json says so, or, once that is deleted, its stale lock."""
+    recorded = read_json(plan.layout.run_file) or {}
+    if recorded.get("fingerprint") == plan.fingerprint:
+        return True
+    previous = lock.taken_over or {}
+    return previous.get("phase") == "finishing" and previous.get("fingerprint") == fingerprint_digest(
+        plan.fingerprint
+    )
+
+
+def _complete_earlier_run(plan, clock) -> MarginCacheResult:
+    """Finish what a dead run with the same values left: its catalog is written, only the copy of
+    the properties and the clean-up of the intermediate files may be missing."""
+    args, target = plan.args, plan.args.catalog_path
+    logger.info("%s was fully written by an earlier run with the same values; finishing its clean-up", target)
+    with clock("finishing"):
+        if not (target / "properties").exists():
+            (target / "properties").write_text((target / "hats.properties").read_text())
+        if plan.layout.base.exists():
+            prepare_intermediate(plan.layout, plan.fingerprint, resume=True)  # refuses what is not ours
+            finishing.clean_up(plan)
+        properties = TableProperties.read_from_dir(target)
+        lines = (target / "partition_info.csv").read_text().split()[1:]
+        pixels = [tuple(int(x) for x in line.split(",")) for line in lines]
+    result = MarginCacheResult(
+        catalog_path=target,
+        total_rows=int(properties.total_rows),
+        pixels=pixels,
+        margin_order=plan.margin_order,
+        margin_threshold=plan.threshold_arcsec,
+        fine_filtering=args.fine_filtering,
+        stage_seconds=clock.seconds,
+        skipped_tasks={"mapping": len(plan.map_tasks), "reducing": len(pixels)},
+    )
+    logger.info("%s", result.summary())
+    return result
+
+
 def _clear_artifact(target: UPath, names: set[str]):
-    """Empty the artifact directory (ours to replace), keeping our lock."""
+    """Empty the artifact directory (ours to replace), keeping our lock. The properties go
+    first: a clearing cut short never leaves a valid-looking catalog over missing files."""
     logger.info("overwrite=True: replacing the contents of %s", target)
-    for name in names - {LOCK_NAME}:
+    for name in sorted(names - {LOCK_NAME}, key=lambda n: n not in ("hats.properties", "properties")):
         path = target / name
         remove_tree(path) if path.is_dir() else path.unlink()
 

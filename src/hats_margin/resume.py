@@ -4,20 +4,29 @@ A run records its fingerprint in ``<intermediate>/run.json`` before any task run
 run with ``resume=True`` continues only if every value matches; otherwise it refuses and
 names the values that changed. ``resume=False`` deletes only this run's own intermediate
 directory. The lock file ``<artifact>/.hats-margin.lock`` holds the owner's host and pid;
-a lock whose process is dead (same host) is taken over.
+a lock whose process is dead (same host) is taken over; the lock also records the run's
+fingerprint and phase, so the next run can tell that a dead run had finished writing its
+catalog (and only its clean-up is left).
+
+Invariant: while ``run.json`` exists, everything a done marker claims exists too. So
+intermediate files are always discarded ``run.json`` first, and a directory without
+``run.json`` is never resumed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
+from pathlib import Path
 
 from upath import UPath
 
-from hats_margin.errors import OutputLockedError, ResumeMismatchError
+from hats_margin.errors import OutputExistsError, OutputLockedError, ResumeMismatchError
 from hats_margin.io import TempLayout, is_local, read_json, remove_tree, write_json
 
 logger = logging.getLogger(__name__)
@@ -28,7 +37,23 @@ LOCK_NAME = ".hats-margin.lock"
 def prepare_intermediate(layout: TempLayout, fingerprint: dict, resume: bool) -> bool:
     """Make the intermediate directory ready. Returns True when resuming earlier work."""
     recorded = read_json(layout.run_file)
-    if recorded is not None and resume:
+    if recorded is None and layout.run_file.exists():
+        recorded = {}  # unreadable run.json: ours, but nothing to resume from
+    if recorded is not None and recorded.get("fingerprint", {}).get("output", fingerprint.get("output")) != (
+        fingerprint.get("output")
+    ):
+        # tmp_dir/<name>/intermediate is shared by every output called <name>: never take another's
+        raise OutputExistsError(
+            f"the intermediate directory {layout.base} belongs to a run writing "
+            f"{recorded['fingerprint']['output']}, not {fingerprint.get('output')}; use another tmp_dir, "
+            "or delete that directory if that run is abandoned"
+        )
+    if recorded is None and layout.base.exists() and not _is_ours(layout):
+        raise OutputExistsError(
+            f"the intermediate directory {layout.base} exists and holds files hats-margin did not write; "
+            "use another tmp_dir (or output_artifact_name), or empty that directory"
+        )
+    if recorded and resume:
         previous = recorded.get("fingerprint", {})
         changed = [
             f"{key} (was {previous.get(key)!r}, now {fingerprint.get(key)!r})"
@@ -43,18 +68,35 @@ def prepare_intermediate(layout: TempLayout, fingerprint: dict, resume: bool) ->
             )
         layout.make_dirs()
         return True
-    if recorded is not None or (layout.base.exists() and _is_ours(layout)):
-        logger.info("discarding intermediate files in %s (resume=False)", layout.base)
-        remove_tree(layout.base)
+    if layout.base.exists():
+        logger.info("discarding intermediate files in %s (resume=False or no usable run.json)", layout.base)
+        discard_intermediate(layout)
     layout.make_dirs()
     write_json(layout.run_file, {"fingerprint": fingerprint, "created": time.time()})
     return False
 
 
+def discard_intermediate(layout: TempLayout):
+    """Delete the intermediate directory, run.json first: a deletion cut short leaves a directory
+    that is never resumed (markers whose shards are gone), only discarded again."""
+    layout.run_file.unlink(missing_ok=True)
+    remove_tree(layout.base)
+
+
+_TEMP_JSON = re.compile(r"^\.run\.json\.\d+\.tmp$")
+
+
 def _is_ours(layout: TempLayout) -> bool:
-    """An intermediate directory without run.json is ours only if it holds nothing but our subdirs."""
+    """An intermediate directory without run.json is ours only if it holds nothing but our subdirs
+    (and the temporary file of a run.json write cut short)."""
     names = {p.name for p in layout.base.iterdir()}
-    return names <= {"mapping", "reducing", "shards", "run.json"}
+    return all(name in {"mapping", "reducing", "shards", "run.json"} or _TEMP_JSON.match(name) for name in names)
+
+
+def fingerprint_digest(fingerprint: dict | None) -> str | None:
+    if fingerprint is None:
+        return None
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -70,10 +112,18 @@ def _pid_alive(pid: int) -> bool:
 class OutputLock:
     """Exclusive ownership of one output artifact directory for the duration of a run."""
 
-    def __init__(self, catalog_path: UPath):
+    def __init__(self, catalog_path: UPath, fingerprint: dict | None = None):
         self.path = catalog_path / LOCK_NAME
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self.owner = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "fingerprint": fingerprint_digest(fingerprint),
+            "phase": "running",
+        }
         self.held = False
+        self.taken_over: dict | None = None
+        """The stale lock of a dead run that this one replaced (its fingerprint and phase)."""
 
     def acquire(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +135,7 @@ class OutputLock:
             host, pid = holder.get("host"), holder.get("pid")
             if host == self.owner["host"] and isinstance(pid, int) and not _pid_alive(pid):
                 logger.warning("taking over a stale lock %s of dead process %s", self.path, pid)
+                self.taken_over = holder
                 self.path.unlink(missing_ok=True)
                 continue
             if host == self.owner["host"] and pid == self.owner["pid"]:
@@ -98,17 +149,35 @@ class OutputLock:
     def _create(self) -> bool:
         text = json.dumps(self.owner)
         if is_local(self.path):
+            # the lock appears with its content (hard link of a written file): a crash can never
+            # leave an empty lock that names no owner; io.write_json's temp naming
+            tmp = f"{os.path.dirname(self.path.path)}/.{LOCK_NAME}.{os.getpid()}.tmp"
+            with open(tmp, "w") as handle:
+                handle.write(text)
             try:
-                fd = os.open(self.path.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, self.path.path)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
+            except OSError:  # a file system without hard links: exclusive create, then write
+                try:
+                    fd = os.open(self.path.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(text)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
             return True
         if self.path.exists():
             return False
         write_json(self.path, self.owner)
         return True
+
+    def set_phase(self, phase: str):
+        """Record how far the run got, for the next run if this one dies (atomic rewrite)."""
+        if self.held:
+            self.owner["phase"] = phase
+            write_json(self.path, self.owner)
 
     def release(self):
         if self.held:

@@ -97,7 +97,7 @@ def _adaptive_partitions(
     ``sorted_index`` is the sorted ``_healpix_29`` of every row. Returns ``(orders, pixels,
     starts, stops)``: one entry per non-empty partition, ``sorted_index[starts:stops]`` being
     its rows. A pixel is kept whole iff it holds ``<= max_rows`` rows or is at ``highest_order``,
-    which is the same partitioning as hats-import's bottom-up alignment.
+    the rule hats-import's bottom-up alignment applies (empty pixels dropped).
     """
     n_rows = len(sorted_index)
     found = []  # (order, pixels, starts, stops) per order

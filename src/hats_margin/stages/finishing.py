@@ -69,7 +69,7 @@ def _properties(plan, pixels, total_rows) -> TableProperties:
         "dec_column": catalog.properties.dec_column,
         "healpix_column": catalog.healpix_column,
         "healpix_order": int(catalog.healpix_order),
-        "primary_catalog": str(args.input_catalog_path),
+        "primary_catalog": str(catalog.path),
         "margin_threshold": float(plan.threshold_arcsec),
         "npix_suffix": args.npix_suffix,
         "moc_sky_fraction": sky_fraction,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,6 +159,24 @@ def check_output_location(args: MarginCacheArguments, input_path: UPath):
     output = as_upath(args.output_path)
     if output.exists() and not output.is_dir():
         raise ArgumentError(f"output_path {output} is a file; it must be a directory (or not exist yet)")
+    _check_writable_directory("output_path", output)
+    if args.catalog_path.exists() and not args.catalog_path.is_dir():
+        raise ArgumentError(
+            f"the output {args.catalog_path} (output_path/output_artifact_name) is a file; choose another "
+            "output_artifact_name"
+        )
+    for name, inner in (("tmp_dir", args.tmp_base), ("dask_tmp", args.dask_tmp)):
+        if getattr(args, name) is None:
+            continue
+        _check_writable_directory(name, as_upath(getattr(args, name)))
+        inner = as_upath(inner)
+        if is_local(inner) and is_local(input_path):
+            inner_p, input_p = Path(inner.path).resolve(), Path(input_path.path).resolve()
+            if inner_p == input_p or inner_p.is_relative_to(input_p):
+                raise ArgumentError(
+                    f"{name} {getattr(args, name)} is inside the input catalog {input_path}: hats-margin never "
+                    f"writes into its input; choose a {name} outside it"
+                )
     target = args.catalog_path
     if is_local(target) and is_local(input_path):
         target_p, input_p = Path(target.path).resolve(), Path(input_path.path).resolve()
@@ -173,6 +192,23 @@ def check_output_location(args: MarginCacheArguments, input_path: UPath):
             )
     elif str(target).rstrip("/").startswith(str(input_path).rstrip("/") + "/"):
         raise ArgumentError(f"the output {target} is inside the input catalog {input_path}")
+
+
+def _check_writable_directory(name: str, path: UPath):
+    """A local directory we can create files in (or create): its nearest existing ancestor must be
+    a writable directory. Checked before any work, as root too (a file in the way, a read-only mount)."""
+    if not is_local(path):
+        return
+    existing = Path(path.path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ArgumentError(f"{name} {path} is not a writable directory: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ArgumentError(
+            f"{name} {path} is not a writable directory: {existing} cannot be written "
+            "(permissions or a read-only file system)"
+        )
 
 
 def resolve_margin_order(args: MarginCacheArguments, catalog: InputCatalog) -> int:

@@ -1,0 +1,362 @@
+"""The ``hats-margin`` command (also ``python -m hats_margin``): parses and delegates.
+
+Commands: ``build`` (the pipeline), ``info`` (what a catalog is), ``verify`` (check a margin
+against its primary), ``demo`` (build a margin for the sample catalog shipped in the package).
+Errors print one line, ``hats-margin: error: <message>``, and exit with code 2 (1 for
+unexpected errors); ``--verbose`` adds the traceback and INFO logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+import warnings
+from importlib import resources
+
+from upath import UPath
+
+from hats_margin.errors import HatsMarginError
+
+logger = logging.getLogger(__name__)
+
+PROG = "hats-margin"
+DEMO_THRESHOLD_ARCSEC = 10.0
+
+BUILD_EXAMPLES = """\
+examples:
+  hats-margin build gaia/ margins/ --threshold 10                 # -> margins/gaia_10arcs
+  hats-margin build gaia/ margins/ --threshold 60 --workers 8     # -> margins/gaia_1arcmin
+  hats-margin build gaia/ margins/ --threshold 10 --dry-run       # show the plan, write nothing
+  hats-margin build gaia/ margins/ --scheduler tcp://10.0.0.5:8786
+  hats-margin build my_collection/ my_collection/ --threshold 10  # margin of the primary, registered
+  hats-margin build s3://bucket/gaia s3://bucket/margins --threshold 10 --tmp-dir /scratch/tmp \\
+      --storage-option endpoint_url=https://s3.example.org --storage-option anon=false
+"""
+
+INFO_EXAMPLES = """\
+examples:
+  hats-margin info margins/gaia_10arcs
+  hats-margin info my_collection/
+"""
+
+VERIFY_EXAMPLES = """\
+examples:
+  hats-margin verify margins/gaia_10arcs --primary gaia/
+  hats-margin verify margins/gaia_10arcs        # primary from the margin's hats_primary_table_url
+"""
+
+DEMO_EXAMPLES = """\
+examples:
+  hats-margin demo                 # writes ./demo_output/small_sky_source_catalog_10arcs
+  hats-margin demo /tmp/margin_demo --plot
+"""
+
+
+# ----------------------------------------------------------------------------- pure helpers
+def pretty_angle(arcsec: float) -> str:
+    """hats-import's short angle for names: ``3600 -> 1deg``, ``60 -> 1arcmin``, ``10 -> 10arcs``,
+    ``0.5 -> 500msec`` (truncated, not rounded)."""
+    if arcsec >= 3600:
+        return f"{int(arcsec / 3600)}deg"
+    if arcsec >= 60:
+        return f"{int(arcsec / 60)}arcmin"
+    if arcsec >= 1:
+        return f"{int(arcsec)}arcs"
+    return f"{int(arcsec * 1000)}msec"
+
+
+def default_margin_name(primary_name: str, threshold_arcsec: float) -> str:
+    """``<primary name>_<angle>``, e.g. ``gaia_10arcs``."""
+    return f"{primary_name}_{pretty_angle(threshold_arcsec)}"
+
+
+def parse_storage_options(items: list[str] | None) -> dict:
+    """``["key=value", ...]`` -> dict; ``true``/``false`` become booleans, JSON objects,
+    arrays and numbers are decoded, anything else stays a string."""
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--storage-option expects key=value, got {item!r}")
+        options[key.strip()] = _option_value(value)
+    return options
+
+
+def _option_value(text: str):
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if text[:1] in "{[" or lowered.lstrip("-").replace(".", "", 1).isdigit():
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return text
+
+
+def to_path(value: str | None, storage_options: dict):
+    """A URL (``s3://...``) becomes a UPath carrying the storage options; a local path stays a str."""
+    if value is None:
+        return None
+    if "://" in value:
+        return UPath(value, **storage_options)
+    return value
+
+
+# ----------------------------------------------------------------------------- commands
+def _build(opts) -> int:
+    from hats_margin.arguments import MarginCacheArguments
+
+    storage = parse_storage_options(opts.storage_option)
+    kwargs = {
+        "input_catalog_path": to_path(opts.input, storage),
+        "output_path": to_path(opts.output_path, storage),
+        "margin_threshold": opts.threshold,
+        "margin_order": opts.order,
+        "fine_filtering": not opts.coarse,
+        "overwrite": opts.overwrite,
+        "resume": not opts.no_resume,
+        "tmp_dir": to_path(opts.tmp_dir, storage),
+        "dask_tmp": opts.dask_tmp,
+        "dask_n_workers": 1 if opts.workers is None else opts.workers,
+        "dask_threads_per_worker": 1 if opts.threads is None else opts.threads,
+        "progress_bar": not opts.no_progress,
+        "completion_email_address": opts.email or "",
+        "create_plot": opts.plot,
+    }
+    name = opts.name
+    if name is None:
+        with warnings.catch_warnings():  # the real construction below warns once
+            warnings.simplefilter("ignore")
+            threshold = MarginCacheArguments(**kwargs, output_artifact_name="margin").margin_threshold
+        name = default_margin_name(_primary_name(kwargs["input_catalog_path"]), threshold)
+    args = MarginCacheArguments(**kwargs, output_artifact_name=name)
+    if opts.dry_run:
+        from hats_margin.info import describe_plan
+        from hats_margin.stages.planning import make_plan
+
+        print(describe_plan(make_plan(args)))
+        return 0
+    print(_run(args, opts.scheduler).summary())
+    return 0
+
+
+def _primary_name(input_path) -> str:
+    """The primary's catalog name (for a collection, its primary's), else the directory name."""
+    from hats.catalog import TableProperties
+
+    from hats_margin import collection
+
+    path = UPath(input_path) if not isinstance(input_path, UPath) else input_path
+    try:
+        return TableProperties.read_from_dir(collection.primary_path(path)).catalog_name
+    except (OSError, ValueError):  # planning reports the real problem with the input
+        return path.name or "margin"
+
+
+def _run(args, scheduler: str | None):
+    from hats_margin.pipeline import pipeline, pipeline_with_client
+
+    if scheduler is None:
+        return pipeline(args)
+    from distributed import Client
+
+    with Client(scheduler) as client:
+        return pipeline_with_client(args, client)
+
+
+def _info(opts) -> int:
+    from hats_margin.info import describe_path
+
+    print(describe_path(to_path(opts.path, parse_storage_options(opts.storage_option))))
+    return 0
+
+
+def _verify(opts) -> int:
+    try:
+        from hats_margin.verify import verify_margin
+    except ImportError as exc:
+        raise HatsMarginError(f"verify is not available in this installation: {exc}") from exc
+    storage = parse_storage_options(opts.storage_option)
+    report = verify_margin(to_path(opts.margin, storage), to_path(opts.primary, storage))  # primary None: the margin's
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def sample_catalog():
+    """The sample catalog shipped in the package (a Traversable; a directory on disk)."""
+    return resources.files("hats_margin") / "data" / "small_sky_source_catalog"
+
+
+def _demo(opts) -> int:
+    from hats_margin.arguments import MarginCacheArguments
+
+    with resources.as_file(sample_catalog()) as sample:
+        args = MarginCacheArguments(
+            input_catalog_path=sample,
+            output_path=opts.output_path,
+            output_artifact_name=default_margin_name(sample.name, DEMO_THRESHOLD_ARCSEC),
+            margin_threshold=DEMO_THRESHOLD_ARCSEC,
+            overwrite=True,
+            resume=False,
+            progress_bar=not opts.no_progress,
+            dask_n_workers=1 if opts.workers is None else opts.workers,
+            dask_threads_per_worker=1 if opts.threads is None else opts.threads,
+            create_plot=opts.plot,
+        )
+        print(_run(args, opts.scheduler).summary())
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def _add_common(parser: argparse.ArgumentParser):
+    parser.add_argument("--verbose", "-v", action="store_true", help="INFO logging, and tracebacks on errors")
+
+
+def _add_storage(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        "--storage-option", action="append", metavar="KEY=VALUE", default=[],
+        help="fsspec storage option for every URL path (s3://, gs://, ...), repeatable: "
+        "endpoint_url=..., key=..., secret=..., anon=true",
+    )
+
+
+def _add_runtime(parser: argparse.ArgumentParser):
+    group = parser.add_argument_group("where it runs (a local cluster, or an existing scheduler)")
+    group.add_argument("--workers", type=int, metavar="N", help="worker processes of the local cluster (1)")
+    group.add_argument("--threads", type=int, metavar="T", help="threads per worker of the local cluster (1)")
+    group.add_argument("--scheduler", metavar="ADDRESS", help="use a running Dask scheduler, e.g. tcp://host:8786")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Build, inspect and verify HATS margin caches.",
+        epilog="Run 'hats-margin COMMAND --help' for each command's options and examples.",
+        formatter_class=formatter,
+    )
+    from hats_margin._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = commands.add_parser(
+        "build", help="build the margin cache of a catalog (or of a collection's primary)",
+        description="Build the margin cache of INPUT into OUTPUT_PATH/NAME.",
+        epilog=BUILD_EXAMPLES, formatter_class=formatter,
+    )
+    build.add_argument("input", metavar="INPUT", help="HATS catalog or collection (path or URL)")
+    build.add_argument(
+        "output_path", metavar="OUTPUT_PATH",
+        help="directory that receives the margin directory (for a collection: the collection itself, "
+        "to register the margin)",
+    )
+    build.add_argument("--threshold", type=float, metavar="ARCSEC", help="margin width in arcseconds (5)")
+    build.add_argument("--name", help="margin catalog name (default: <primary name>_<threshold>, e.g. gaia_10arcs)")
+    build.add_argument("--order", type=int, metavar="K", help="margin order (default: from the threshold)")
+    build.add_argument(
+        "--coarse", action="store_true",
+        help="hats-import's coarse margin (whole margin-order cells) instead of the exact one",
+    )
+    build.add_argument("--tmp-dir", metavar="D", help="intermediate files (default: --dask-tmp, else the output)")
+    build.add_argument("--dask-tmp", metavar="D", help="local directory of the Dask workers")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing catalog at the output")
+    build.add_argument("--no-resume", action="store_true", help="discard an interrupted run's work, start over")
+    build.add_argument("--email", metavar="ADDRESS", help="send a success/failure email here (SMTP, see README)")
+    build.add_argument("--plot", action="store_true", help="also write margin_sky_map.png beside the catalog")
+    build.add_argument("--dry-run", action="store_true", help="print the plan and exit, writing nothing")
+    _add_runtime(build)
+    _add_storage(build)
+    _add_common(build)
+    build.set_defaults(func=_build)
+
+    info = commands.add_parser(
+        "info", help="what a catalog, margin or collection is",
+        description="Print type, rows, partitions, and for a margin its threshold and primary.",
+        epilog=INFO_EXAMPLES, formatter_class=formatter,
+    )
+    info.add_argument("path", metavar="PATH")
+    _add_storage(info)
+    _add_common(info)
+    info.set_defaults(func=_info)
+
+    verify = commands.add_parser(
+        "verify", help="check a margin against its primary catalog",
+        description="Check that MARGIN holds exactly the rows it should; exit 1 when it does not.",
+        epilog=VERIFY_EXAMPLES, formatter_class=formatter,
+    )
+    verify.add_argument("margin", metavar="MARGIN")
+    verify.add_argument(
+        "--primary", metavar="CATALOG", help="the primary catalog (default: the margin's hats_primary_table_url)"
+    )
+    _add_storage(verify)
+    _add_common(verify)
+    verify.set_defaults(func=_verify)
+
+    demo = commands.add_parser(
+        "demo", help="build a 10 arcsec margin for the sample catalog shipped with hats-margin",
+        description="Build a 10 arcsec margin of the bundled small_sky_source_catalog into OUTPUT_PATH "
+        "(replacing an earlier demo output) and print a summary.",
+        epilog=DEMO_EXAMPLES, formatter_class=formatter,
+    )
+    demo.add_argument("output_path", metavar="OUTPUT_PATH", nargs="?", default="demo_output",
+                      help="where to write the demo margin (default: ./demo_output)")
+    demo.add_argument("--plot", action="store_true", help="also write margin_sky_map.png beside the margin")
+    _add_runtime(demo)
+    _add_common(demo)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+# ----------------------------------------------------------------------------- entry point
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (works under test capture)."""
+
+    def emit(self, record):
+        try:
+            print(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
+
+
+def _configure_logging(verbose: bool):
+    package = logging.getLogger("hats_margin")
+    for handler in [h for h in package.handlers if isinstance(h, _StderrHandler)]:
+        package.removeHandler(handler)
+    if verbose:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+    else:
+        package.setLevel(logging.NOTSET)
+
+
+def _error(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    if getattr(opts, "scheduler", None) and (opts.workers is not None or opts.threads is not None):
+        parser.error("--scheduler uses the workers of that scheduler: drop --workers/--threads")
+    _configure_logging(opts.verbose)
+    try:
+        return opts.func(opts)
+    except (HatsMarginError, ValueError, FileNotFoundError) as exc:
+        if opts.verbose:
+            traceback.print_exc()
+        return _error(str(exc), 2)
+    except KeyboardInterrupt:
+        return _error("interrupted; run the same command again to resume where it stopped", 130)
+    except Exception as exc:  # noqa: BLE001 - one line, unless --verbose
+        if opts.verbose:
+            traceback.print_exc()
+        return _error(f"{type(exc).__name__}: {exc} (run with --verbose for the traceback)", 1)

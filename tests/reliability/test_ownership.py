@@ -1,0 +1,97 @@
+"""Nothing lost that is not ours: no path outside output_path/output_artifact_name and the run's
+own intermediate directory is ever deleted, even with overwrite=True or resume=False; the input
+is never modified (the ``source_copy`` fixture checksums it around every test)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from harness import NAME, Run, assert_same_margin, tree_digest
+from hats.io.validation import is_valid_catalog
+
+from hats_margin import OutputExistsError, StageFailedError, pipeline_with_client
+
+BAD_PARTITION = ("dataset", "Norder=2", "Dir=0", "Npix=183.parquet")
+
+
+def test_overwrite_and_fresh_start_keep_users_files(client, baselines, source_copy, sentinels, tmp_path):
+    run = Run(source_copy, tmp_path / "out", tmp_dir=tmp_path / "tmp")
+    pipeline_with_client(run.args(), client)
+    # a user's file inside tmp_dir/<name> (the parent of our intermediate directory)
+    beside_intermediate = tmp_path / "tmp" / NAME / "notes.txt"
+    beside_intermediate.parent.mkdir(parents=True, exist_ok=True)
+    beside_intermediate.write_text("mine")
+    pipeline_with_client(run.args(overwrite=True), client)
+    pipeline_with_client(run.args(overwrite=True, resume=False), client)
+    assert_same_margin(run.target, baselines(False))
+    assert beside_intermediate.read_text() == "mine"
+    # the sentinels fixture checks output_path/users_notes.txt and tmp_dir/users_scratch.txt
+
+
+def test_existing_valid_catalog_is_not_replaced_without_overwrite(client, source_copy, tmp_path):
+    run = Run(source_copy, tmp_path / "out")
+    pipeline_with_client(run.args(), client)
+    before = tree_digest(run.target)
+    for resume in (True, False):
+        with pytest.raises(OutputExistsError, match="already contains a valid catalog; pass overwrite=True"):
+            pipeline_with_client(run.args(resume=resume), client)
+    assert tree_digest(run.target) == before
+
+
+def test_artifact_directory_of_someone_else_is_refused(client, source_copy, tmp_path):
+    """An existing directory with the artifact's name holding files we did not write is left alone
+    unless overwrite=True (which replaces its contents, and only its contents)."""
+    run = Run(source_copy, tmp_path / "out")
+    run.target.mkdir(parents=True)
+    (run.target / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutputExistsError, match=r"holds files hats-margin did not write \(thesis\.tex\)"):
+        pipeline_with_client(run.args(), client)
+    assert (run.target / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in run.target.iterdir()) == ["thesis.tex"]
+
+
+def test_foreign_files_in_the_intermediate_location_are_never_adopted(client, source_copy, tmp_path):
+    """tmp_dir/<name>/intermediate already holding a user's files: refused, whatever resume says
+    (adopting it would delete it at the clean-up)."""
+    run = Run(source_copy, tmp_path / "out", tmp_dir=tmp_path / "tmp")
+    run.base.mkdir(parents=True)
+    (run.base / "results.csv").write_text("a,b\n")
+    for resume in (True, False):
+        with pytest.raises(OutputExistsError, match=r"intermediate directory .* holds files hats-margin did not write"):
+            pipeline_with_client(run.args(resume=resume, overwrite=True), client)
+    assert (run.base / "results.csv").read_text() == "a,b\n"
+    assert not (run.target / "hats.properties").exists()
+
+
+def test_intermediate_of_another_output_is_never_taken(client, baselines, source_copy, tmp_path):
+    """Two outputs with the same name and tmp_dir share tmp_dir/<name>/intermediate: the second
+    run refuses (even with resume=False) instead of deleting the first's work."""
+    first = Run(source_copy, tmp_path / "out_a", tmp_dir=tmp_path / "tmp")
+    second = Run(source_copy, tmp_path / "out_b", tmp_dir=tmp_path / "tmp")
+    bad = source_copy.joinpath(*BAD_PARTITION)
+    saved = tmp_path / "saved.parquet"
+    shutil.copyfile(bad, saved)
+    bad.write_bytes(b"garbage")
+    with pytest.raises(StageFailedError):
+        pipeline_with_client(first.args(), client)
+    shutil.copyfile(saved, bad)
+    before = tree_digest(first.base)
+    for resume in (True, False):
+        with pytest.raises(OutputExistsError, match=r"belongs to a run writing .*out_a/margin"):
+            pipeline_with_client(second.args(resume=resume), client)
+    assert tree_digest(first.base) == before
+    result = pipeline_with_client(first.args(), client)
+    assert result.skipped_tasks["mapping"] == 13
+    assert_same_margin(first.target, baselines(False))
+    assert not (tmp_path / "out_b" / NAME).joinpath("hats.properties").exists()
+
+
+def test_failed_run_leaves_no_catalog_and_says_how_to_resume(client, copy_catalog, tmp_path):
+    source_copy = copy_catalog("small_sky_source_catalog")
+    source_copy.joinpath(*BAD_PARTITION).write_bytes(b"garbage")
+    run = Run(source_copy, tmp_path / "out")
+    with pytest.raises(StageFailedError, match=r"(?s)Fix the cause and run again with the same arguments to resume"):
+        pipeline_with_client(run.args(), client)
+    assert not is_valid_catalog(str(run.target))
+    assert {p.name for p in run.target.iterdir()} <= {"intermediate", "dataset"}

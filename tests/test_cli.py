@@ -1,0 +1,300 @@
+"""The hats-margin command, in process (main([...]) with captured output) and once as a real subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import hats
+import pytest
+from hats.catalog import TableProperties
+
+from hats_margin import cli
+
+
+@pytest.fixture
+def scheduler(client):
+    """Address of the session's in-process cluster: builds run there instead of a new LocalCluster."""
+    return client.scheduler.address
+
+
+def run(capsys, *argv):
+    """main(argv) -> (exit code, stdout, stderr)."""
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------- pure helpers
+@pytest.mark.parametrize(
+    ("arcsec", "expected"),
+    [
+        (3600, "1deg"),
+        (7200, "2deg"),
+        (5400, "1deg"),
+        (3599, "59arcmin"),
+        (60, "1arcmin"),
+        (90, "1arcmin"),
+        (59.9, "59arcs"),
+        (10, "10arcs"),
+        (5.5, "5arcs"),
+        (1, "1arcs"),
+        (0.5, "500msec"),
+        (0.001, "1msec"),
+    ],
+)
+def test_pretty_angle(arcsec, expected):
+    assert cli.pretty_angle(arcsec) == expected
+
+
+def test_default_margin_name():
+    assert cli.default_margin_name("gaia", 10) == "gaia_10arcs"
+    assert cli.default_margin_name("gaia", 60) == "gaia_1arcmin"
+    assert cli.default_margin_name("small_sky_healpix13", 3600) == "small_sky_healpix13_1deg"
+
+
+def test_parse_storage_options():
+    options = cli.parse_storage_options(
+        ["endpoint_url=http://127.0.0.1:9000", "anon=true", "use_ssl=False", "key=a=b",
+         'client_kwargs={"region_name": "eu"}', "max_concurrency=8"]
+    )
+    assert options == {
+        "endpoint_url": "http://127.0.0.1:9000",
+        "anon": True,
+        "use_ssl": False,
+        "key": "a=b",
+        "client_kwargs": {"region_name": "eu"},
+        "max_concurrency": 8,
+    }
+    with pytest.raises(ValueError, match="key=value"):
+        cli.parse_storage_options(["no_equals_sign"])
+
+
+def test_to_path_keeps_local_paths_and_gives_urls_their_options():
+    assert cli.to_path("some/dir", {"anon": True}) == "some/dir"
+    url = cli.to_path("memory://bucket/x", {"skip_instance_cache": True})
+    assert url.protocol == "memory" and url.storage_options == {"skip_instance_cache": True}
+
+
+# ----------------------------------------------------------------------------- help
+@pytest.mark.parametrize("command", ["build", "info", "verify", "demo"])
+def test_every_command_has_help_with_examples(capsys, command):
+    with pytest.raises(SystemExit) as stop:
+        cli.main([command, "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"hats-margin {command}" in out
+
+
+def test_top_level_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("build", "info", "verify", "demo"):
+        assert command in out
+
+
+# ----------------------------------------------------------------------------- build
+def test_build_with_default_name(capsys, catalogs, tmp_path, scheduler):
+    code, out, err = run(
+        capsys, "build", catalogs / "small_sky_source_catalog", tmp_path, "--threshold", "10",
+        "--scheduler", scheduler, "--no-progress",
+    )
+    assert code == 0, err
+    margin = tmp_path / "small_sky_source_catalog_10arcs"
+    assert out.startswith("wrote ") and str(margin) in out and "exact" in out
+    props = TableProperties.read_from_dir(margin)
+    assert str(props.catalog_type) == "margin"
+    assert props.margin_threshold == 10.0
+    assert len(hats.read_hats(margin).get_healpix_pixels()) > 0
+
+
+def test_build_options_reach_the_arguments(capsys, catalogs, tmp_path, scheduler):
+    code, _, err = run(
+        capsys, "build", catalogs / "small_sky_source_catalog", tmp_path, "--threshold", "60",
+        "--name", "coarse_one", "--order", "9", "--coarse", "--tmp-dir", tmp_path / "scratch",
+        "--scheduler", scheduler, "--no-progress", "--no-resume",
+    )
+    assert code == 0, err
+    extra = TableProperties.read_from_dir(tmp_path / "coarse_one").extra_dict(by_alias=True)
+    assert extra["hats_margin_order"] == "9" or extra["hats_margin_order"] == 9
+    assert str(extra["hats_margin_fine_filtering"]).lower() == "false"
+    assert not (tmp_path / "scratch" / "coarse_one").exists(), "intermediate files are removed at the end"
+
+
+def test_default_name_follows_the_threshold_rules(capsys, catalogs, tmp_path):
+    code, out, err = run(
+        capsys, "build", catalogs / "small_sky_object_catalog", tmp_path, "--threshold", "5400", "--dry-run"
+    )
+    assert code == 0, err
+    assert str(tmp_path / "small_sky_object_catalog_1deg") in out
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(capsys, catalogs, tmp_path):
+    output = tmp_path / "not_created"
+    code, out, err = run(
+        capsys, "build", catalogs / "small_sky_source_catalog", output, "--threshold", "10", "--dry-run"
+    )
+    assert code == 0, err
+    assert not output.exists()
+    assert "dry run" in out
+    assert "14 (order 0: 1, order 1: 1, order 2: 12)" in out
+    assert "negative tree" in out and "margin order 13" in out
+    assert "17161" in out  # estimated rows read = the input's hats_nrows
+    assert "map tasks:     14" in out
+
+
+def test_existing_output_is_refused_without_overwrite(capsys, catalogs, tmp_path, scheduler):
+    argv = ["build", catalogs / "small_sky_object_catalog", tmp_path, "--scheduler", scheduler, "--no-progress"]
+    assert run(capsys, *argv)[0] == 0
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("hats-margin: error: ") and "--overwrite" in err
+    assert run(capsys, *argv, "--overwrite")[0] == 0
+
+
+def test_error_is_one_line_without_traceback(capsys, tmp_path, scheduler):
+    code, out, err = run(
+        capsys, "build", tmp_path / "missing", tmp_path / "out", "--threshold", "10",
+        "--scheduler", scheduler, "--no-progress",
+    )
+    assert code == 2 and out == ""
+    assert err.strip().count("\n") == 0
+    assert err.startswith("hats-margin: error: ") and "does not exist" in err
+    assert "Traceback" not in err
+
+
+def test_verbose_shows_the_traceback(capsys, tmp_path, scheduler):
+    code, _, err = run(
+        capsys, "build", tmp_path / "missing", tmp_path / "out", "--verbose", "--scheduler", scheduler,
+        "--no-progress",
+    )
+    assert code == 2
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("hats-margin: error: ")
+
+
+def test_bad_values_are_errors_not_tracebacks(capsys, catalogs, tmp_path):
+    code, _, err = run(capsys, "build", catalogs / "small_sky_object_catalog", tmp_path, "--threshold", "-1")
+    assert code == 2 and "margin_threshold" in err and "Traceback" not in err
+    code, _, err = run(capsys, "build", catalogs / "small_sky_object_catalog", tmp_path, "--storage-option", "x")
+    assert code == 2 and "key=value" in err
+
+
+def test_scheduler_excludes_local_cluster_options(capsys, catalogs, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["build", str(catalogs / "small_sky_object_catalog"), str(tmp_path),
+                  "--scheduler", "tcp://127.0.0.1:1", "--workers", "2"])
+    assert stop.value.code == 2
+    assert "--scheduler" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- info
+def test_info_of_a_catalog(capsys, catalogs):
+    code, out, _ = run(capsys, "info", catalogs / "small_sky_source_catalog")
+    assert code == 0
+    assert "type:          source" in out and "rows:          17161" in out
+    assert "partitions:    14 (order 0: 1, order 1: 1, order 2: 12)" in out
+
+
+def test_info_of_a_margin(capsys, catalogs, tmp_path, scheduler):
+    assert run(capsys, "build", catalogs / "small_sky_source_catalog", tmp_path, "--threshold", "10",
+               "--scheduler", scheduler, "--no-progress")[0] == 0
+    code, out, _ = run(capsys, "info", tmp_path / "small_sky_source_catalog_10arcs")
+    assert code == 0
+    assert "type:          margin" in out
+    assert "threshold:     10 arcsec (exact, margin order 13)" in out
+    assert "small_sky_source_catalog" in out.split("primary:")[1]
+
+
+def test_info_of_a_collection(capsys, catalogs):
+    code, out, _ = run(capsys, "info", catalogs / "small_sky_order1_collection")
+    assert code == 0
+    assert "type:          collection" in out and "primary:       small_sky_order1" in out
+    assert "default margin: small_sky_order1_margin_1deg" in out or "small_sky_order1_margin_1deg" in out
+
+
+def test_info_of_something_else_is_an_error(capsys, tmp_path):
+    code, _, err = run(capsys, "info", tmp_path)
+    assert code == 2 and "neither a HATS catalog nor a collection" in err
+
+
+# ----------------------------------------------------------------------------- verify
+@pytest.fixture
+def fake_verify(monkeypatch):
+    """Stands in for hats_margin.verify (its own tests live with it); records the call."""
+    calls = []
+
+    class Report:
+        def __init__(self, ok):
+            self.ok = ok
+
+        def summary(self):
+            return f"margin check: {'OK' if self.ok else 'FAILED: 3 rows missing'}"
+
+    module = types.ModuleType("hats_margin.verify")
+
+    def verify_margin(margin_path, primary_path):
+        calls.append((str(margin_path), str(primary_path)))
+        return Report(ok="good" in str(margin_path))
+
+    module.verify_margin = verify_margin
+    monkeypatch.setitem(sys.modules, "hats_margin.verify", module)
+    return calls
+
+
+def test_verify_prints_the_summary_and_exits_by_the_result(capsys, fake_verify):
+    code, out, _ = run(capsys, "verify", "good_margin", "--primary", "cat")
+    assert code == 0 and out.strip() == "margin check: OK"
+    code, out, _ = run(capsys, "verify", "bad_margin", "--primary", "cat")
+    assert code == 1 and "FAILED" in out
+    assert fake_verify == [("good_margin", "cat"), ("bad_margin", "cat")]
+
+
+def test_verify_primary_defaults_to_the_margins_own(capsys, fake_verify):
+    assert run(capsys, "verify", "good_margin")[0] == 0
+    assert fake_verify == [("good_margin", "None")]
+
+
+def test_verify_with_the_real_checker(capsys, catalogs, tmp_path, scheduler):
+    primary = catalogs / "small_sky_source_catalog"
+    assert run(capsys, "build", primary, tmp_path, "--threshold", "10", "--scheduler", scheduler,
+               "--no-progress")[0] == 0
+    margin = tmp_path / "small_sky_source_catalog_10arcs"
+    code, out, _ = run(capsys, "verify", margin, "--primary", primary)
+    assert code == 0 and "OK" in out
+    next((margin / "dataset").rglob("Npix=*.parquet")).unlink()  # lose a margin pixel
+    code, out, _ = run(capsys, "verify", margin, "--primary", primary)
+    assert code == 1 and "FAILED" in out
+
+
+# ----------------------------------------------------------------------------- demo
+def test_demo_builds_the_sample_and_overwrites_a_previous_run(capsys, tmp_path, scheduler):
+    assert cli.sample_catalog().is_dir()
+    for _ in range(2):
+        code, out, err = run(capsys, "demo", tmp_path, "--scheduler", scheduler)
+        assert code == 0, err
+        assert out.count("\n") == 1 and out.startswith("wrote ") and "threshold 10 arcsec" in out
+        assert "Mapping" in err  # progress bars
+    props = TableProperties.read_from_dir(tmp_path / "small_sky_source_catalog_10arcs")
+    assert str(props.catalog_type) == "margin"
+
+
+def test_demo_default_output_is_demo_output(capsys, tmp_path, monkeypatch, scheduler):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "demo", "--scheduler", scheduler, "--no-progress", "--plot")
+    assert code == 0, err
+    margin = tmp_path / "demo_output" / "small_sky_source_catalog_10arcs"
+    assert (margin / "hats.properties").exists() and (margin / "margin_sky_map.png").exists()
+
+
+# ----------------------------------------------------------------------------- a real process
+def test_python_m_hats_margin_build_subprocess(catalogs, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "hats_margin", "build", str(catalogs / "small_sky_object_catalog"), str(tmp_path),
+         "--threshold", "3600", "--workers", "1", "--threads", "1", "--no-progress"],
+        check=False, capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("wrote ") and "small_sky_object_catalog_1deg" in done.stdout
+    assert (tmp_path / "small_sky_object_catalog_1deg" / "hats.properties").exists()

@@ -1,0 +1,118 @@
+"""Object storage: input and output on a real S3 server (moto in server mode) on loopback."""
+
+from __future__ import annotations
+
+import logging
+
+import hats
+import lsdb
+import pandas as pd
+import pytest
+from upath import UPath
+
+from hats_margin import MarginCacheArguments, cli, pipeline_with_client
+
+s3fs = pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+BUCKET = "survey"
+CATALOG = "small_sky_source_catalog"
+THRESHOLD = 10
+
+
+@pytest.fixture(scope="module")
+def s3(catalogs):
+    """A moto S3 server with the fixture catalog uploaded; yields its storage options."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+        fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        fs.put(str(catalogs / CATALOG), f"{BUCKET}/catalogs/{CATALOG}", recursive=True)
+        yield options
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def local_margin(client, catalogs, tmp_path_factory):
+    args = MarginCacheArguments(
+        input_catalog_path=catalogs / CATALOG, output_path=tmp_path_factory.mktemp("local"),
+        output_artifact_name="margin", margin_threshold=THRESHOLD, progress_bar=False,
+    )
+    return pipeline_with_client(args, client).catalog_path
+
+
+def s3_path(options, key: str) -> UPath:
+    return UPath(f"s3://{BUCKET}/{key}", **options)
+
+
+def rows_by_pixel(catalog_path) -> dict:
+    """{(order, pixel): the pixel's rows as a sorted DataFrame}, read with hats' own paths."""
+    catalog = hats.read_hats(catalog_path)
+    result = {}
+    for pixel in catalog.get_healpix_pixels():
+        path = hats.io.pixel_catalog_file(catalog.catalog_base_dir, pixel)
+        with path.open("rb") as handle:
+            frame = pd.read_parquet(handle)
+        result[(pixel.order, pixel.pixel)] = frame.sort_values(["_healpix_29", "source_id"]).reset_index(drop=True)
+    return result
+
+
+def assert_same_margin(remote, local):
+    remote_rows, local_rows = rows_by_pixel(remote), rows_by_pixel(local)
+    assert sorted(remote_rows) == sorted(local_rows) and remote_rows
+    for pixel, frame in local_rows.items():
+        pd.testing.assert_frame_equal(remote_rows[pixel], frame)
+    remote_info = hats.read_hats(remote).catalog_info
+    assert remote_info.total_rows == hats.read_hats(local).catalog_info.total_rows
+    assert remote_info.catalog_type == "margin" and remote_info.margin_threshold == THRESHOLD
+
+
+def test_s3_to_s3_with_local_intermediate_equals_the_local_build(client, catalogs, s3, local_margin, tmp_path):
+    args = MarginCacheArguments(
+        input_catalog_path=s3_path(s3, f"catalogs/{CATALOG}"), output_path=s3_path(s3, "margins"),
+        output_artifact_name="margin", margin_threshold=THRESHOLD, tmp_dir=tmp_path / "scratch",
+        progress_bar=False,
+    )
+    result = pipeline_with_client(args, client)
+    remote = s3_path(s3, "margins/margin")
+    assert str(result.catalog_path) == str(remote)
+    assert_same_margin(remote, local_margin)
+    assert not s3fs.S3FileSystem(**s3).exists(f"{BUCKET}/margins/margin/intermediate")
+
+    # lsdb reads primary and margin from the bucket
+    catalog = lsdb.open_catalog(s3_path(s3, f"catalogs/{CATALOG}"), margin_cache=remote)
+    margin = catalog.margin.compute().sort_values("source_id")
+    local = lsdb.open_catalog(catalogs / CATALOG, margin_cache=local_margin)
+    expected = local.margin.compute().sort_values("source_id")
+    assert len(margin) == result.total_rows
+    pd.testing.assert_frame_equal(margin, expected)
+
+
+def test_cli_storage_options_with_intermediate_files_on_s3(capsys, client, s3, local_margin):
+    options = [f"--storage-option={key}={value}" for key, value in s3.items()]
+    code = cli.main(
+        ["build", f"s3://{BUCKET}/catalogs/{CATALOG}", f"s3://{BUCKET}/cli", "--threshold", str(THRESHOLD),
+         "--plot", "--scheduler", client.scheduler.address, "--no-progress", *options]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"s3://{BUCKET}/cli/{CATALOG}_10arcs" in out
+    remote = s3_path(s3, f"cli/{CATALOG}_10arcs")
+    assert_same_margin(remote, local_margin)
+    assert (remote / "margin_sky_map.png").read_bytes().startswith(b"\x89PNG")
+    assert not (remote / "intermediate").exists()
+
+    assert cli.main(["info", str(remote), *options]) == 0
+    assert "type:          margin" in capsys.readouterr().out
+
+
+def test_missing_remote_input_is_a_clear_error(capsys, s3):
+    options = [f"--storage-option={key}={value}" for key, value in s3.items()]
+    code = cli.main(["build", f"s3://{BUCKET}/nothing/here", f"s3://{BUCKET}/out", "--dry-run", *options])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("hats-margin: error: ") and "does not exist" in err

@@ -1,0 +1,256 @@
+"""The verifier: clean margins pass, each kind of damage is caught, reference margins show coarse extras."""
+
+from __future__ import annotations
+
+import shutil
+
+import hats
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hats_margin import MarginCacheArguments, pipeline_with_client
+from hats_margin.pixel_distance import within_threshold_of_pixel
+from hats_margin.verify import main, verify_margin
+
+SOURCE = "small_sky_source_catalog"
+
+# reference margin, primary, extras the coarse importer margin holds beyond the exact one
+REFERENCE_CASES = [
+    ("small_sky_object_catalog_3600arcs", "small_sky_object_catalog", 0),
+    ("small_sky_source_catalog_10arcs", SOURCE, 34),
+    ("small_sky_source_catalog_180arcs", SOURCE, 536),
+    ("small_sky_source_catalog_3600arcs", SOURCE, 3678),
+    ("small_sky_source_npix_dir_catalog_180arcs", "small_sky_source_npix_dir_catalog", 536),
+    ("small_sky_order1_3600arcs", "small_sky_order1_collection/small_sky_order1", 10),
+]
+
+
+def build(client, catalogs, out, name, primary=SOURCE, **kwargs):
+    args = MarginCacheArguments(
+        input_catalog_path=catalogs / primary, output_path=out, output_artifact_name=name, progress_bar=False, **kwargs
+    )
+    pipeline_with_client(args, client)
+    return out / name
+
+
+@pytest.fixture(scope="module")
+def margins(client, catalogs, tmp_path_factory):
+    """Margins of the source catalog built once: exact at several thresholds, one coarse."""
+    out = tmp_path_factory.mktemp("margins")
+    built = {f"exact_{t:g}": build(client, catalogs, out, f"exact_{t:g}", margin_threshold=t) for t in (10, 180, 40000)}
+    built["coarse_180"] = build(client, catalogs, out, "coarse_180", margin_threshold=180.0, fine_filtering=False)
+    return built
+
+
+@pytest.fixture
+def damaged(margins, tmp_path):
+    """A private copy of the exact 180 arcsec margin, to damage."""
+    target = tmp_path / "damaged"
+    shutil.copytree(margins["exact_180"], target)
+    return target
+
+
+def _assert_clean(report):
+    assert report.missing == 0, report.summary()
+    assert report.altered == 0, report.summary()
+    assert report.duplicates == 0, report.summary()
+    assert report.structural == [], report.summary()
+
+
+# ------------------------------------------------------------------------ clean margins
+@pytest.mark.parametrize("name", ["exact_10", "exact_180", "exact_40000"])
+def test_exact_margins_have_no_missing_and_no_extra_row(margins, name):
+    report = verify_margin(margins[name])  # primary from hats_primary_table_url
+    _assert_clean(report)
+    assert report.exact and report.extra == 0 and report.ok
+    assert report.rows_expected == report.rows_in_margin > 0
+
+
+def test_coarse_margin_has_only_extras_and_passes(margins):
+    report = verify_margin(margins["coarse_180"])
+    _assert_clean(report)
+    assert not report.exact, "hats_margin_fine_filtering=false makes extras allowed"
+    assert report.extra > 0 and report.max_extra_distance_ratio > 1
+    assert report.ok
+    assert not verify_margin(margins["coarse_180"], exact=True).ok
+
+
+@pytest.mark.parametrize("threshold", [10.0, 180.0, 40000.0])
+def test_expected_rows_match_a_brute_force_over_every_row_and_pixel(margins, catalogs, threshold):
+    """No candidate search at all: every primary row against every destination pixel."""
+    report = verify_margin(margins[f"exact_{threshold:g}"])
+    primary = hats.read_hats(catalogs / SOURCE)
+    tiles = list(primary.get_healpix_pixels()) + list(primary.generate_negative_tree_pixels())
+    table = pq.read_table(catalogs / SOURCE / "dataset", columns=["_healpix_29", "source_ra", "source_dec"])
+    spidx = table["_healpix_29"].to_numpy()
+    ra, dec = table["source_ra"].to_numpy(), table["source_dec"].to_numpy()
+    for tile in tiles:
+        outside = (spidx >> (2 * (29 - tile.order))) != tile.pixel
+        count = int(within_threshold_of_pixel(ra[outside], dec[outside], tile.order, tile.pixel, threshold).sum())
+        found = report.per_pixel.get((tile.order, tile.pixel), {}).get("expected", 0)
+        assert found == count, (tile, threshold)
+
+
+def test_batches_give_the_same_answer_as_one_pass(margins):
+    whole = verify_margin(margins["coarse_180"])
+    batched = verify_margin(margins["coarse_180"], max_rows_in_memory=50)
+    assert batched.per_pixel == whole.per_pixel
+    assert (batched.missing, batched.extra, batched.rows_expected) == (whole.missing, whole.extra, whole.rows_expected)
+
+
+# ------------------------------------------------------------------------ reference margins
+@pytest.mark.parametrize(("reference", "primary", "extras"), REFERENCE_CASES, ids=[c[0] for c in REFERENCE_CASES])
+def test_reference_margins_have_no_missing_row_and_coarse_extras(reference_margins, catalogs, reference, primary, extras):
+    report = verify_margin(reference_margins / reference, catalogs / primary)
+    _assert_clean(report)
+    assert not report.exact and report.ok
+    assert report.extra == extras
+    if extras:
+        assert 1 < report.max_extra_distance_ratio < 4, "a coarse margin reaches about 3x the threshold"
+        assert report.extra_examples[0]["distance_ratio"] == pytest.approx(report.max_extra_distance_ratio)
+
+
+# ------------------------------------------------------------------------ damage
+def _file(margin, order, pixel):
+    return margin / "dataset" / f"Norder={order}" / f"Dir={(pixel // 10000) * 10000}" / f"Npix={pixel}.parquet"
+
+
+def _largest_pixel(margin):
+    files = sorted((margin / "dataset").glob("Norder=*/Dir=*/Npix=*.parquet"), key=lambda f: -pq.read_metadata(f).num_rows)
+    order = int(files[0].parts[-3].split("=")[1])
+    pixel = int(files[0].name.split("=")[1].split(".")[0])
+    return order, pixel, files[0]
+
+
+def _read(path):
+    return pq.ParquetFile(path).read()
+
+
+def _primary_row_far_from(catalogs, order, pixel):
+    """A primary row from the partition whose centre is farthest from the pixel."""
+    primary = hats.read_hats(catalogs / SOURCE)
+    import cdshealpix.nested as cds
+
+    def center(o, p):
+        lon, lat = cds.healpix_to_lonlat(np.array([p], dtype=np.uint64), o)
+        return np.radians(lon.value[0]), np.radians(lat.value[0])
+
+    lon0, lat0 = center(order, pixel)
+
+    def separation(p):
+        lon, lat = center(p.order, p.pixel)
+        return np.arccos(np.sin(lat) * np.sin(lat0) + np.cos(lat) * np.cos(lat0) * np.cos(lon - lon0))
+
+    far = max(primary.get_healpix_pixels(), key=separation)
+    return _read(_file(catalogs / SOURCE, far.order, far.pixel)).slice(0, 1)
+
+
+def test_a_deleted_row_is_missing(damaged):
+    order, pixel, path = _largest_pixel(damaged)
+    table = _read(path)
+    pq.write_table(table.slice(1), path)
+    report = verify_margin(damaged)
+    assert report.missing == 1 and report.extra == 0 and report.altered == 0
+    assert not report.ok
+    assert report.missing_examples[0]["pixel"] == f"{order}/{pixel}"
+    assert report.missing_examples[0]["spatial_index"] == table["_healpix_29"][0].as_py()
+    assert 0 <= report.missing_examples[0]["distance_ratio"] <= 1
+    assert any("hats_nrows" in s for s in report.structural)
+    assert main([str(damaged)]) == 1
+
+
+def test_an_added_far_row_is_extra(damaged, catalogs):
+    order, pixel, path = _largest_pixel(damaged)
+    far = _primary_row_far_from(catalogs, order, pixel)
+    pq.write_table(pa.concat_tables([_read(path), far]), path)
+    report = verify_margin(damaged)
+    assert report.extra == 1 and report.missing == 0 and report.altered == 0
+    assert report.max_extra_distance_ratio > 10
+    assert report.extra_examples[0]["spatial_index"] == far["_healpix_29"][0].as_py()
+    assert not report.ok  # the margin says it is exact
+    assert verify_margin(damaged, exact=False).extra == 1
+
+
+def test_a_modified_value_is_altered(damaged):
+    order, pixel, path = _largest_pixel(damaged)
+    table = _read(path)
+    mag = table["mag"].to_numpy().copy()
+    mag[0] += 0.5
+    table = table.set_column(table.schema.get_field_index("mag"), table.schema.field("mag"), pa.array(mag))
+    pq.write_table(table, path)
+    report = verify_margin(damaged)
+    assert report.altered == 1 and report.missing == 0 and report.extra == 0
+    assert report.altered_examples[0]["differs"] == "mag"
+    assert report.altered_examples[0]["pixel"] == f"{order}/{pixel}"
+    assert not report.ok
+    assert main([str(damaged)]) == 1
+
+
+def test_a_duplicated_row_is_reported(damaged):
+    _, _, path = _largest_pixel(damaged)
+    table = _read(path)
+    pq.write_table(pa.concat_tables([table, table.slice(3, 1)]), path)
+    report = verify_margin(damaged)
+    assert report.duplicates == 1 and report.missing == 0 and report.extra == 0 and report.altered == 0
+    assert not report.ok
+
+
+def test_a_row_of_the_pixel_itself_is_extra_and_structural(damaged, catalogs):
+    order, pixel, path = _largest_pixel(damaged)
+    own = _read(_file(catalogs / SOURCE, order, pixel)).slice(0, 1)
+    pq.write_table(pa.concat_tables([_read(path), own]), path)
+    report = verify_margin(damaged, exact=False)
+    assert report.extra == 1 and report.self_rows == 1
+    assert any("inside the very pixel" in s for s in report.structural)
+    assert not report.ok
+
+
+def test_a_pixel_that_is_not_a_partition_nor_negative_is_structural(damaged):
+    order, pixel, path = _largest_pixel(damaged)
+    child = pixel * 4
+    target = _file(damaged, order + 1, child)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, target)
+    report = verify_margin(damaged)
+    assert any(f"pixel {order + 1}/{child}" in s and "neither a partition" in s for s in report.structural)
+    assert not report.ok
+
+
+def test_wrong_hats_nrows_is_structural(damaged):
+    for name in ("hats.properties", "properties"):
+        props = damaged / name
+        lines = [
+            "hats_nrows=12345" if line.startswith("hats_nrows=") else line for line in props.read_text().splitlines()
+        ]
+        props.write_text("\n".join(lines) + "\n")
+    report = verify_margin(damaged)
+    assert report.missing == report.extra == report.altered == 0
+    assert any("hats_nrows=12345" in s for s in report.structural)
+    assert not report.ok
+    assert main([str(damaged)]) == 1
+
+
+def test_a_changed_column_type_is_structural_and_altered(damaged):
+    order, pixel, path = _largest_pixel(damaged)
+    table = _read(path)
+    index = table.schema.get_field_index("mag")
+    table = table.set_column(index, pa.field("mag", pa.float32()), table["mag"].cast(pa.float32()))
+    pq.write_table(table, path)
+    report = verify_margin(damaged)
+    assert any(f"pixel {order}/{pixel}: schema differs" in s and "mag: float" in s for s in report.structural)
+    assert not report.ok
+
+
+def test_partition_info_that_differs_from_the_files_is_structural(damaged):
+    order, pixel, _ = _largest_pixel(damaged)
+    info = damaged / "partition_info.csv"
+    info.write_text("".join(line for line in info.open() if line.strip() != f"{order},{pixel}"))
+    report = verify_margin(damaged)
+    assert any("not in partition_info.csv" in s for s in report.structural)
+
+
+def test_command_line_passes_a_clean_margin(margins, catalogs, capsys):
+    assert main([str(margins["exact_180"]), "--primary", str(catalogs / SOURCE)]) == 0
+    assert "result   OK" in capsys.readouterr().out
