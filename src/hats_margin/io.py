@@ -239,9 +239,12 @@ class ShardWriters:
     def write(self, dest: tuple[int, int], table: pa.Table):
         if dest not in self._writers:
             path = self.layout.shard(*dest, *self.src)
-            path.parent.mkdir(parents=True, exist_ok=True)
             location, fs = arrow_location(path)
-            sink = pa.OSFile(location, "wb") if fs is None else fs.open(location, "wb")
+            try:
+                sink = pa.OSFile(location, "wb") if fs is None else fs.open(location, "wb")
+            except FileNotFoundError:  # first shard of this destination: make its directory
+                path.parent.mkdir(parents=True, exist_ok=True)
+                sink = pa.OSFile(location, "wb") if fs is None else fs.open(location, "wb")
             self._writers[dest] = (sink, ipc.new_file(sink, self.schema))
             self.rows[dest] = 0
         self._writers[dest][1].write_table(table)

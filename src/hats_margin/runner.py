@@ -41,30 +41,70 @@ def run_stage(
     skipped: int = 0,
     resume_hint: str = "",
 ) -> dict[str, object]:
-    """Run ``func(task)`` for every task on the cluster. Returns ``{task.key: result}``."""
+    """Run ``func(task)`` for every task on the cluster. Returns ``{task.key: result}``.
+
+    Small tasks are sent in batches (see ``batch_size``) so that Dask's per-task cost does not
+    dominate catalogs of many small partitions; results and failures stay per task.
+    """
     results: dict[str, object] = {}
     failures: dict[str, BaseException] = {}
     if skipped:
         logger.info("%s: %d task(s) done in an earlier run, skipped", stage, skipped)
     token = uuid.uuid4().hex[:8]
+    size = batch_size(len(tasks), _total_threads(client))
+    batches = [list(tasks[i : i + size]) for i in range(0, len(tasks), size)]
     with progress(stage, len(tasks), progress_bar, skipped) as bar:
         futures = {
-            client.submit(func, task, key=f"hats-margin-{stage.lower()}-{task.key}-{token}", pure=False): task.key
-            for task in tasks
+            client.submit(
+                _run_batch, func, batch, key=f"hats-margin-{stage.lower()}-{batch[0].key}-{token}", pure=False
+            ): batch
+            for batch in batches
         }
         for future in as_completed(futures):
-            key = futures[future]
+            batch = futures[future]
             if future.status == "error":
-                exc = future.exception()
-                failures[key] = exc
-                logger.error("%s task %s failed: %s: %s", stage, key, type(exc).__name__, _with_notes(exc))
+                # the whole batch failed outside any one task (e.g. unpicklable input)
+                outcome = {task.key: (False, future.exception()) for task in batch}
             else:
-                results[key] = future.result()
+                outcome = future.result()
+            for key, (ok, value) in outcome.items():
+                if ok:
+                    results[key] = value
+                else:
+                    failures[key] = value
+                    logger.error("%s task %s failed: %s: %s", stage, key, type(value).__name__, _with_notes(value))
             future.release()
-            bar.update(1)
+            bar.update(len(batch))
     if failures:
         raise StageFailedError(stage.lower(), failures, resume_hint)
     return results
+
+
+def batch_size(n_tasks: int, threads: int) -> int:
+    """Tasks per Dask task: at least 4 batches per worker thread (load balance), at most 16
+    tasks per batch (progress and retry granularity)."""
+    if n_tasks == 0:
+        return 1
+    n_batches = max(min(n_tasks, 4 * max(threads, 1)), -(-n_tasks // 16))
+    return max(1, -(-n_tasks // n_batches))
+
+
+def _total_threads(client: Client) -> int:
+    try:
+        return sum(client.nthreads().values())
+    except Exception:  # noqa: BLE001 - a scheduler that cannot answer: assume one thread
+        return 1
+
+
+def _run_batch(func: Callable, tasks: list) -> dict[str, tuple[bool, object]]:
+    """Run tasks one after another on a worker; each task's failure is kept apart."""
+    outcome = {}
+    for task in tasks:
+        try:
+            outcome[task.key] = (True, func(task))
+        except Exception as exc:  # reported by the driver, with the task's own notes
+            outcome[task.key] = (False, exc)
+    return outcome
 
 
 def _with_notes(exc: BaseException) -> str:
