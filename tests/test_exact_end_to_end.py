@@ -10,6 +10,8 @@ pixel, points on the rays from its centre through its corners and edge midpoints
 
 from __future__ import annotations
 
+import shutil
+
 import cdshealpix.nested as cds
 import hats
 import numpy as np
@@ -111,7 +113,9 @@ def _catalog(path, threshold):
     base_ra, base_dec = _base_points(rng)
     table = _table(base_ra, base_dec, ["base"] * len(base_ra), [""] * len(base_ra))
     for _ in range(4):
-        write_hats_catalog(table, path, catalog_name="adversarial", max_rows_per_partition=MAX_ROWS, overwrite=True)
+        write_hats_catalog(
+            table, path, catalog_name="adversarial", max_rows_per_partition=MAX_ROWS, overwrite=True
+        )
         before = set(hats.read_hats(path).get_healpix_pixels())
         ra, dec, kind, target = _adversarial_points(path, threshold)
         table = _table(
@@ -120,31 +124,47 @@ def _catalog(path, threshold):
             ["base"] * len(base_ra) + kind,
             [""] * len(base_ra) + target,
         )
-        write_hats_catalog(table, path, catalog_name="adversarial", max_rows_per_partition=MAX_ROWS, overwrite=True)
+        write_hats_catalog(
+            table, path, catalog_name="adversarial", max_rows_per_partition=MAX_ROWS, overwrite=True
+        )
         if set(hats.read_hats(path).get_healpix_pixels()) == before:
             return path
     raise AssertionError("the partitioning did not settle")
 
 
-@pytest.mark.parametrize("threshold", [60.0, 10800.0], ids=["1arcmin", "3deg"])
-def test_exact_margin_of_adversarial_points_is_exact(client, tmp_path, threshold):
-    catalog = _catalog(tmp_path / "adversarial", threshold)
-    primary = hats.read_hats(catalog)
-    assert len({p.order for p in primary.get_healpix_pixels()}) >= 3
-    assert primary.generate_negative_tree_pixels()
-
+@pytest.fixture(scope="module", params=[60.0, 10800.0], ids=["1arcmin", "3deg"])
+def built(request, client, tmp_path_factory):
+    """(threshold, adversarial catalog, its exact margin)."""
+    threshold = request.param
+    root = tmp_path_factory.mktemp(f"adversarial_{threshold:g}")
+    catalog = _catalog(root / "adversarial", threshold)
     args = MarginCacheArguments(
         input_catalog_path=catalog,
-        output_path=tmp_path,
+        output_path=root,
         output_artifact_name="margin",
         margin_threshold=threshold,
         progress_bar=False,
     )
     pipeline_with_client(args, client)
-    report = verify_margin(tmp_path / "margin")
+    return threshold, catalog, root / "margin"
+
+
+def _margin_file(margin, order, pixel):
+    return (
+        margin / "dataset" / f"Norder={order}" / f"Dir={(pixel // 10000) * 10000}" / f"Npix={pixel}.parquet"
+    )
+
+
+def test_exact_margin_of_adversarial_points_is_exact(built):
+    threshold, catalog, margin = built
+    primary = hats.read_hats(catalog)
+    assert len({p.order for p in primary.get_healpix_pixels()}) >= 3
+    assert primary.generate_negative_tree_pixels()
+
+    report = verify_margin(margin)
     assert report.missing == 0 and report.extra == 0, report.summary()
     assert report.altered == 0 and report.duplicates == 0 and report.structural == [], report.summary()
-    assert report.ok and report.exact
+    assert report.ok and report.exact and report.threshold_arcsec == threshold
 
     # without the verifier: the 1 - 1e-6 points are in their pixel's margin, the 1 + 1e-6 ones are not
     rows = pq.read_table(catalog / "dataset", columns=["id", "kind", "target"]).to_pydict()
@@ -154,35 +174,27 @@ def test_exact_margin_of_adversarial_points_is_exact(client, tmp_path, threshold
             by_target.setdefault(target, {"inside": set(), "outside": set()})[kind].add(id_)
     assert sum(len(v["inside"]) for v in by_target.values()) > 100
     for target, ids in by_target.items():
-        order, pixel = (int(x) for x in target.split("/"))
-        file = tmp_path / "margin" / "dataset" / f"Norder={order}" / f"Dir={(pixel // 10000) * 10000}"
-        file = file / f"Npix={pixel}.parquet"
+        file = _margin_file(margin, *(int(x) for x in target.split("/")))
         margin_ids = set(pq.read_table(file, columns=["id"])["id"].to_pylist()) if file.exists() else set()
         assert ids["inside"] <= margin_ids, target
         assert not ids["outside"] & margin_ids, target
 
 
-def test_exact_margin_of_adversarial_points_sees_a_removed_boundary_row(client, tmp_path):
-    """The same catalog, and a margin missing one of its 1 - 1e-6 rows: the verifier notices."""
-    threshold = 60.0
-    catalog = _catalog(tmp_path / "adversarial", threshold)
-    args = MarginCacheArguments(
-        input_catalog_path=catalog, output_path=tmp_path, output_artifact_name="margin",
-        margin_threshold=threshold, progress_bar=False,
-    )
-    pipeline_with_client(args, client)
-    files = sorted((tmp_path / "margin" / "dataset").glob("Norder=*/Dir=*/Npix=*.parquet"))
-    for file in files:
+def test_a_removed_row_at_the_threshold_is_missing(built, tmp_path):
+    """A margin missing one of the rows placed at 1 - 1e-6 thresholds from its pixel."""
+    _, _, margin = built
+    damaged = tmp_path / "margin"
+    shutil.copytree(margin, damaged)
+    for file in sorted((damaged / "dataset").glob("Norder=*/Dir=*/Npix=*.parquet")):
         table = pq.ParquetFile(file).read()
         pixel = f"{file.parts[-3].split('=')[1]}/{file.name.split('=')[1].split('.')[0]}"
-        targeted = (np.asarray(table["kind"].to_pylist()) == "inside") & (np.asarray(table["target"].to_pylist()) == pixel)
-        inside = np.flatnonzero(targeted)
-        if len(inside):
-            keep = np.setdiff1d(np.arange(table.num_rows), inside[:1])
-            pq.write_table(table.take(pa.array(keep)), file)
+        kinds, targets = np.asarray(table["kind"].to_pylist()), np.asarray(table["target"].to_pylist())
+        placed = np.flatnonzero((kinds == "inside") & (targets == pixel))
+        if len(placed):
+            pq.write_table(table.take(pa.array(np.setdiff1d(np.arange(table.num_rows), placed[:1]))), file)
             break
     else:
         raise AssertionError("no margin file holds a row placed at 1 - 1e-6 thresholds from its pixel")
-    report = verify_margin(tmp_path / "margin")
+    report = verify_margin(damaged)
     assert report.missing == 1 and report.missing_examples[0]["pixel"] == pixel
     assert report.missing_examples[0]["distance_ratio"] == pytest.approx(1 - REL, rel=1e-8)

@@ -29,7 +29,11 @@ REFERENCE_CASES = [
 
 def build(client, catalogs, out, name, primary=SOURCE, **kwargs):
     args = MarginCacheArguments(
-        input_catalog_path=catalogs / primary, output_path=out, output_artifact_name=name, progress_bar=False, **kwargs
+        input_catalog_path=catalogs / primary,
+        output_path=out,
+        output_artifact_name=name,
+        progress_bar=False,
+        **kwargs,
     )
     pipeline_with_client(args, client)
     return out / name
@@ -39,8 +43,13 @@ def build(client, catalogs, out, name, primary=SOURCE, **kwargs):
 def margins(client, catalogs, tmp_path_factory):
     """Margins of the source catalog built once: exact at several thresholds, one coarse."""
     out = tmp_path_factory.mktemp("margins")
-    built = {f"exact_{t:g}": build(client, catalogs, out, f"exact_{t:g}", margin_threshold=t) for t in (10, 180, 40000)}
-    built["coarse_180"] = build(client, catalogs, out, "coarse_180", margin_threshold=180.0, fine_filtering=False)
+    built = {
+        f"exact_{t:g}": build(client, catalogs, out, f"exact_{t:g}", margin_threshold=t)
+        for t in (10, 180, 40000)
+    }
+    built["coarse_180"] = build(
+        client, catalogs, out, "coarse_180", margin_threshold=180.0, fine_filtering=False
+    )
     return built
 
 
@@ -88,7 +97,9 @@ def test_expected_rows_match_a_brute_force_over_every_row_and_pixel(margins, cat
     ra, dec = table["source_ra"].to_numpy(), table["source_dec"].to_numpy()
     for tile in tiles:
         outside = (spidx >> (2 * (29 - tile.order))) != tile.pixel
-        count = int(within_threshold_of_pixel(ra[outside], dec[outside], tile.order, tile.pixel, threshold).sum())
+        count = int(
+            within_threshold_of_pixel(ra[outside], dec[outside], tile.order, tile.pixel, threshold).sum()
+        )
         found = report.per_pixel.get((tile.order, tile.pixel), {}).get("expected", 0)
         assert found == count, (tile, threshold)
 
@@ -97,12 +108,73 @@ def test_batches_give_the_same_answer_as_one_pass(margins):
     whole = verify_margin(margins["coarse_180"])
     batched = verify_margin(margins["coarse_180"], max_rows_in_memory=50)
     assert batched.per_pixel == whole.per_pixel
-    assert (batched.missing, batched.extra, batched.rows_expected) == (whole.missing, whole.extra, whole.rows_expected)
+    assert (batched.missing, batched.extra, batched.rows_expected) == (
+        whole.missing,
+        whole.extra,
+        whole.rows_expected,
+    )
+
+
+def _order12_nested_copy(source, target):
+    """The source catalog with its spatial index at order 12 (many rows share a value, column
+    last) and two nested columns."""
+    shutil.copytree(source, target)
+    schema = None
+    for file in (target / "dataset").glob("Norder=*/Dir=*/Npix=*.parquet"):
+        table = pq.ParquetFile(file).read()
+        n = table.num_rows
+        table = table.append_column("hp12", pa.array(table["_healpix_29"].to_numpy() >> 34))
+        table = table.drop_columns(["_healpix_29"])
+        table = table.append_column(
+            "tags", pa.array([[i % 3, i % 5] for i in range(n)], type=pa.list_(pa.int32()))
+        )
+        table = table.append_column("info", pa.array([{"x": i / 7, "s": str(i)} for i in range(n)]))
+        pq.write_table(table, file)
+        schema = table.schema
+    pq.write_metadata(schema, target / "dataset" / "_common_metadata")
+    (target / "dataset" / "_metadata").unlink()
+    for name in ("hats.properties", "properties"):
+        text = (target / name).read_text()
+        text = text.replace("hats_col_healpix=_healpix_29", "hats_col_healpix=hp12")
+        (target / name).write_text(text.replace("hats_col_healpix_order=29", "hats_col_healpix_order=12"))
+    return target
+
+
+@pytest.mark.parametrize("fine_filtering", [True, False], ids=["exact", "coarse"])
+def test_order12_spatial_index_and_nested_columns(client, catalogs, tmp_path, fine_filtering):
+    primary = _order12_nested_copy(catalogs / SOURCE, tmp_path / "primary")
+    margin = build(
+        client,
+        catalogs,
+        tmp_path,
+        "margin",
+        primary=primary,
+        margin_threshold=3600.0,  # primary is absolute
+        fine_filtering=fine_filtering,
+    )
+    report = verify_margin(margin)
+    _assert_clean(report)
+    assert report.rows_expected == 4860  # as with the order-29 index
+    assert report.extra == (0 if fine_filtering else 3678)
+    # a changed nested value is caught
+    file = min((margin / "dataset").glob("Norder=*/Dir=*/Npix=*.parquet"))
+    table = _read(file)
+    tags = table["tags"].to_pylist()
+    tags[0] = [7, 7]
+    tags = pa.array(tags, pa.list_(pa.int32()))
+    table = table.set_column(table.schema.get_field_index("tags"), table.schema.field("tags"), tags)
+    pq.write_table(table, file)
+    report = verify_margin(margin)
+    assert report.altered == 1 and report.missing == 0 and report.altered_examples[0]["differs"] == "tags"
 
 
 # ------------------------------------------------------------------------ reference margins
-@pytest.mark.parametrize(("reference", "primary", "extras"), REFERENCE_CASES, ids=[c[0] for c in REFERENCE_CASES])
-def test_reference_margins_have_no_missing_row_and_coarse_extras(reference_margins, catalogs, reference, primary, extras):
+@pytest.mark.parametrize(
+    ("reference", "primary", "extras"), REFERENCE_CASES, ids=[c[0] for c in REFERENCE_CASES]
+)
+def test_reference_margins_have_no_missing_row_and_coarse_extras(
+    reference_margins, catalogs, reference, primary, extras
+):
     report = verify_margin(reference_margins / reference, catalogs / primary)
     _assert_clean(report)
     assert not report.exact and report.ok
@@ -114,11 +186,16 @@ def test_reference_margins_have_no_missing_row_and_coarse_extras(reference_margi
 
 # ------------------------------------------------------------------------ damage
 def _file(margin, order, pixel):
-    return margin / "dataset" / f"Norder={order}" / f"Dir={(pixel // 10000) * 10000}" / f"Npix={pixel}.parquet"
+    return (
+        margin / "dataset" / f"Norder={order}" / f"Dir={(pixel // 10000) * 10000}" / f"Npix={pixel}.parquet"
+    )
 
 
 def _largest_pixel(margin):
-    files = sorted((margin / "dataset").glob("Norder=*/Dir=*/Npix=*.parquet"), key=lambda f: -pq.read_metadata(f).num_rows)
+    files = sorted(
+        (margin / "dataset").glob("Norder=*/Dir=*/Npix=*.parquet"),
+        key=lambda f: -pq.read_metadata(f).num_rows,
+    )
     order = int(files[0].parts[-3].split("=")[1])
     pixel = int(files[0].name.split("=")[1].split(".")[0])
     return order, pixel, files[0]
@@ -222,7 +299,8 @@ def test_wrong_hats_nrows_is_structural(damaged):
     for name in ("hats.properties", "properties"):
         props = damaged / name
         lines = [
-            "hats_nrows=12345" if line.startswith("hats_nrows=") else line for line in props.read_text().splitlines()
+            "hats_nrows=12345" if line.startswith("hats_nrows=") else line
+            for line in props.read_text().splitlines()
         ]
         props.write_text("\n".join(lines) + "\n")
     report = verify_margin(damaged)

@@ -151,9 +151,11 @@ class VerifyReport:
         lines = [
             f"margin   {self.margin_path}",
             f"primary  {self.primary_path}",
-            (f"threshold {self.threshold_arcsec:g} arcsec, {mode}; {self.pixels} pixel file(s), "
-            f"{self.rows_in_margin} margin rows, {self.rows_expected} expected, "
-            f"{self.primary_rows_read} primary rows read, {self.seconds:.1f} s"),
+            (
+                f"threshold {self.threshold_arcsec:g} arcsec, {mode}; {self.pixels} pixel file(s), "
+                f"{self.rows_in_margin} margin rows, {self.rows_expected} expected, "
+                f"{self.primary_rows_read} primary rows read, {self.seconds:.1f} s"
+            ),
             f"result   {'OK' if self.ok else 'FAILED'}: {self.missing} missing, {self.extra} extra, "
             f"{self.altered} altered, {self.duplicates} duplicated, {len(self.structural)} structural problem(s)"
             + (f", {self.borderline} borderline" if self.borderline else ""),
@@ -206,8 +208,9 @@ def verify_margin(
     margin_path : str | Path | UPath
         The margin catalog directory.
     primary_path : str | Path | UPath | None
-        The primary catalog; default the margin's ``hats_primary_table_url`` (absolute, or
-        relative to the working directory or to the margin's parent directory).
+        The primary catalog (or a collection: its primary); default the margin's
+        ``hats_primary_table_url`` (absolute, or relative to the working directory, the
+        margin's parent directory or the one above).
     threshold_arcsec : float | None
         Default: the margin's ``hats_margin_threshold``.
     max_examples : int
@@ -242,14 +245,20 @@ def main(argv=None) -> int:
     )
     parser.add_argument("margin", help="margin catalog directory")
     parser.add_argument("--primary", default=None, help="primary catalog (default: hats_primary_table_url)")
-    parser.add_argument("--threshold", type=float, default=None, help="arcsec (default: hats_margin_threshold)")
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="arcsec (default: hats_margin_threshold)"
+    )
     parser.add_argument("--max-examples", type=int, default=20)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--exact", dest="exact", action="store_true", default=None, help="extra rows fail")
     mode.add_argument("--coarse", dest="exact", action="store_false", help="extra rows are allowed")
     args = parser.parse_args(argv)
     report = verify_margin(
-        args.margin, args.primary, threshold_arcsec=args.threshold, max_examples=args.max_examples, exact=args.exact
+        args.margin,
+        args.primary,
+        threshold_arcsec=args.threshold,
+        max_examples=args.max_examples,
+        exact=args.exact,
     )
     print(report.summary())
     return 0 if report.ok else 1
@@ -310,8 +319,8 @@ def _resolve_primary(margin: _Margin, primary_path) -> UPath:
     if not url:
         raise ValueError(f"{margin.path} has no hats_primary_table_url: pass primary_path")
     candidates = [as_upath(url)]
-    if "://" not in url and not url.startswith("/"):
-        candidates.append(margin.path.parent / url)
+    if "://" not in url and not url.startswith("/"):  # relative: to the cwd, a collection, its parent
+        candidates += [margin.path.parent / url, margin.path.parent.parent / url]
     for candidate in candidates:
         if (candidate / "hats.properties").exists() or (candidate / "properties").exists():
             return candidate
@@ -356,7 +365,7 @@ class _Margin:
             return
         root = dataset.path.rstrip("/")
         for found in sorted(dataset.fs.find(dataset.path)):
-            relative = found[len(root):].lstrip("/")
+            relative = found[len(root) :].lstrip("/")
             name = relative.rsplit("/", 1)[-1]
             if name.startswith(("_", ".")):
                 continue
@@ -380,16 +389,22 @@ class _Primary:
     """The primary catalog as hats sees it: partitions, negative tree, schema, columns."""
 
     def __init__(self, path: UPath):
-        self.path = path
         catalog = hats.read_hats(path)
+        if hasattr(catalog, "main_catalog"):  # a collection: its primary catalog
+            path, catalog = as_upath(catalog.main_catalog_dir), catalog.main_catalog
+        self.path = path
         info = catalog.catalog_info
         if str(info.catalog_type) not in ("object", "source"):
-            raise ValueError(f"primary {path} is a {info.catalog_type!s} catalog, not an object/source catalog")
+            raise ValueError(
+                f"primary {path} is a {info.catalog_type!s} catalog, not an object/source catalog"
+            )
         self.partitions = [(p.order, p.pixel) for p in catalog.get_healpix_pixels()]
         self.negative = [(p.order, p.pixel) for p in catalog.generate_negative_tree_pixels()]
         self.schema = _read_schema(path)
         if self.schema is None:
-            raise ValueError(f"primary {path} has no dataset/_common_metadata or _metadata: its schema is unknown")
+            raise ValueError(
+                f"primary {path} has no dataset/_common_metadata or _metadata: its schema is unknown"
+            )
         self.ra_column, self.dec_column = info.ra_column, info.dec_column
         self.healpix_column = info.healpix_column or "_healpix_29"
         self.healpix_order = int(info.healpix_order if info.healpix_order is not None else MAX_ORDER)
@@ -434,7 +449,12 @@ class _Tiles:
 
     def check_cover(self) -> str | None:
         full = 12 << (2 * MAX_ORDER)
-        if len(self) == 0 or self.starts[0] != 0 or self.ends[-1] != full or np.any(self.starts[1:] != self.ends[:-1]):
+        if (
+            len(self) == 0
+            or self.starts[0] != 0
+            or self.ends[-1] != full
+            or np.any(self.starts[1:] != self.ends[:-1])
+        ):
             return "the primary's partitions and negative tree do not tile the sphere exactly"
         return None
 
@@ -500,7 +520,7 @@ def _ring_tiles(tiles: _Tiles, cells: np.ndarray, order: int, rings: int) -> tup
     owners, found = [], []
     n_tiles = len(tiles)
     for lo in range(0, len(cells), _RING_CHUNK):
-        chunk = cells[lo:lo + _RING_CHUNK]
+        chunk = cells[lo : lo + _RING_CHUNK]
         ring = chunk[:, None]
         for _ in range(rings):
             nbrs = cds.neighbours(ring.reshape(-1).astype(np.uint64), order).astype(np.int64)
@@ -547,9 +567,12 @@ def _column_hash(column) -> np.ndarray:
         values = array.fill_null(False).to_numpy(zero_copy_only=False).astype(np.uint64)
     elif width in (8, 16, 32, 64) and len(array.buffers()) == 2:
         raw = np.frombuffer(array.buffers()[1], dtype=f"u{width // 8}", count=array.offset + n)
-        values = raw[array.offset:].astype(np.uint64)
-    elif pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) or (
-        pa.types.is_large_binary(kind)
+        values = raw[array.offset :].astype(np.uint64)
+    elif (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_binary(kind)
+        or (pa.types.is_large_binary(kind))
     ):
         values = _bytes_hash(array)
     else:  # nested, decimal, ...: the exact python value (repr of floats round-trips)
@@ -564,10 +587,14 @@ def _column_hash(column) -> np.ndarray:
 def _bytes_hash(array: pa.Array) -> np.ndarray:
     """Polynomial hash (mod 2**64) of each value's bytes, and its length; vectorised."""
     n = len(array)
-    offsets_dtype = np.int64 if pa.types.is_large_string(array.type) or pa.types.is_large_binary(array.type) else (
-        np.int32
+    offsets_dtype = (
+        np.int64
+        if pa.types.is_large_string(array.type) or pa.types.is_large_binary(array.type)
+        else (np.int32)
     )
-    offsets = np.frombuffer(array.buffers()[1], dtype=offsets_dtype, count=array.offset + n + 1)[array.offset:]
+    offsets = np.frombuffer(array.buffers()[1], dtype=offsets_dtype, count=array.offset + n + 1)[
+        array.offset :
+    ]
     offsets = offsets.astype(np.int64)
     data = array.buffers()[2]
     lengths = np.diff(offsets)
@@ -599,10 +626,14 @@ def _distance_arcsec(ra_deg: np.ndarray, dec_deg: np.ndarray, order: int, pixel:
     return np.asarray(distance_to_pixel_arcsec(ra_deg, dec_deg, int(order), int(pixel)), dtype=np.float64)
 
 
-def _within(ra_deg: np.ndarray, dec_deg: np.ndarray, order: int, pixel: int, threshold_arcsec: float) -> np.ndarray:
+def _within(
+    ra_deg: np.ndarray, dec_deg: np.ndarray, order: int, pixel: int, threshold_arcsec: float
+) -> np.ndarray:
     from hats_margin.pixel_distance import within_threshold_of_pixel
 
-    return np.asarray(within_threshold_of_pixel(ra_deg, dec_deg, int(order), int(pixel), threshold_arcsec), dtype=bool)
+    return np.asarray(
+        within_threshold_of_pixel(ra_deg, dec_deg, int(order), int(pixel), threshold_arcsec), dtype=bool
+    )
 
 
 # ------------------------------------------------------------------------------------ verifier
@@ -626,7 +657,11 @@ class _Keys:
         def cat(parts, dtype):
             return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
-        out = {"tile": cat(self.tile, np.int64), "spidx": cat(self.spidx, np.int64), "hash": cat(self.hash, np.uint64)}
+        out = {
+            "tile": cat(self.tile, np.int64),
+            "spidx": cat(self.spidx, np.int64),
+            "hash": cat(self.hash, np.uint64),
+        }
         for key, parts in self.extra.items():
             out[key] = np.concatenate(parts)
         return out
@@ -652,13 +687,13 @@ class _Verifier:
         if problem:
             report.structural.append(problem)
         file_rows = self._check_structure()
-        valid = sorted(self.tiles.index[p] for p in self.margin.files if p in self.tiles.index)
-        report.pixels = len(valid)
-        for batch in self._batches(valid, file_rows):
+        report.pixels = len(file_rows)
+        for number, batch in enumerate(self._batches(file_rows)):
+            logger.debug("verify %s: batch %d, %d destination pixels", self.margin.path, number, len(batch))
             self._run_batch(batch)
         self._finish_histogram()
 
-    def _batches(self, valid: list[int], file_rows: dict[int, int]):
+    def _batches(self, file_rows: dict[int, int]):
         """Destination tiles in nested order, cut into batches of <= budget margin rows. Every
         tile is in exactly one batch (tiles without a file may still be owed rows)."""
         batch, rows = [], 0
@@ -686,13 +721,17 @@ class _Verifier:
         ):
             if props.get(key) is not None and props.get(key) != expected:
                 report.structural.append(f"{key}={props.get(key)!r} but the primary's is {expected!r}")
-        if "hats_margin_threshold" in props and float(props["hats_margin_threshold"]) < self.threshold * (1 - 1e-12):
+        if "hats_margin_threshold" in props and float(props["hats_margin_threshold"]) < self.threshold * (
+            1 - 1e-12
+        ):
             report.warnings.append(
                 f"hats_margin_threshold={props['hats_margin_threshold']} is below the checked threshold {self.threshold:g}"
             )
         common = _read_schema(margin.path)
         if common is None:
-            report.structural.append("dataset/_common_metadata (and _metadata) missing: the margin has no schema")
+            report.structural.append(
+                "dataset/_common_metadata (and _metadata) missing: the margin has no schema"
+            )
         elif not _same_columns(common, primary.schema):
             report.structural.append(
                 f"dataset/_common_metadata schema differs from the primary's: {_schema_diff(common, primary.schema)}"
@@ -762,9 +801,13 @@ class _Verifier:
         if len(set(listed)) != len(listed):
             self.report.structural.append("partition_info.csv lists a pixel more than once")
         for pixel in sorted(set(listed) - files):
-            self.report.structural.append(f"partition_info.csv lists {pixel[0]}/{pixel[1]}, which has no file")
+            self.report.structural.append(
+                f"partition_info.csv lists {pixel[0]}/{pixel[1]}, which has no file"
+            )
         for pixel in sorted(files - set(listed)):
-            self.report.structural.append(f"pixel {pixel[0]}/{pixel[1]} has a file but is not in partition_info.csv")
+            self.report.structural.append(
+                f"pixel {pixel[0]}/{pixel[1]} has a file but is not in partition_info.csv"
+            )
 
     def _check_metadata_file(self, footers: dict[str, int]):
         pointer = self.margin.path / "dataset" / "_metadata"
@@ -782,9 +825,11 @@ class _Verifier:
             path = group.column(0).file_path if group.num_columns else ""
             listed[path] = listed.get(path, 0) + group.num_rows
         dataset = str(self.margin.path / "dataset").rstrip("/") + "/"
-        actual = {name[len(dataset):]: n for name, n in footers.items()}
+        actual = {name[len(dataset) :]: n for name, n in footers.items()}
         if listed != actual:
-            wrong = sorted(set(listed) ^ set(actual)) or sorted(k for k in listed if listed[k] != actual.get(k))
+            wrong = sorted(set(listed) ^ set(actual)) or sorted(
+                k for k in listed if listed[k] != actual.get(k)
+            )
             self.report.structural.append(
                 f"dataset/_metadata does not describe the files ({meta.num_rows} rows listed, "
                 f"{sum(actual.values())} in files; first differences: {wrong[:3]})"
@@ -802,7 +847,9 @@ class _Verifier:
         known_source = np.full(n_margin, -1, dtype=np.int64)
         expected = _Keys()
         for source in self._sources_reaching(in_batch):
-            self._scan_source(source, in_batch, sorted_spidx, order, margin, primary_has, known_source, expected)
+            self._scan_source(
+                source, in_batch, sorted_spidx, order, margin, primary_has, known_source, expected
+            )
         self._compare(self._decide(expected.arrays()), margin, primary_has, known_source)
 
     def _read_margin_keys(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -856,7 +903,9 @@ class _Verifier:
                 reach.append(source)
         return reach
 
-    def _scan_source(self, source, in_batch, sorted_spidx, order, margin, primary_has, known_source, expected):
+    def _scan_source(
+        self, source, in_batch, sorted_spidx, order, margin, primary_has, known_source, expected
+    ):
         s_order, s_pixel = int(self.tiles.orders[source]), int(self.tiles.pixels[source])
         table = self.primary.read_partition(s_order, s_pixel)
         n = table.num_rows
@@ -894,13 +943,18 @@ class _Verifier:
         hashes = np.zeros(n, dtype=np.uint64)
         if len(need):
             hashes[need] = _row_hashes(table.take(pa.array(need)))
-        if len(matched_rows):
+        if len(matched_rows):  # several rows may share a spatial index: set flags, never overwrite them
             known_source[matched_margin] = source
-            primary_has[matched_margin] |= hashes[matched_rows] == margin["hash"][matched_margin]
+            primary_has[matched_margin[hashes[matched_rows] == margin["hash"][matched_margin]]] = True
         if len(exp_rows):
             expected.add(
-                exp_tiles, spidx[exp_rows], hashes[exp_rows],
-                ratio=ratio, ra=ra[exp_rows], dec=dec[exp_rows], source=np.full(len(exp_rows), source),
+                exp_tiles,
+                spidx[exp_rows],
+                hashes[exp_rows],
+                ratio=ratio,
+                ra=ra[exp_rows],
+                dec=dec[exp_rows],
+                source=np.full(len(exp_rows), source),
             )
 
     def _warn_once(self, message: str):
@@ -944,7 +998,9 @@ class _Verifier:
             first[owner[::-1]] = tile[::-1]
             interior = (n_tiles == 1) & (first == source)
             active = active[~interior[inv]]
-        rows = np.concatenate([active, np.flatnonzero(~consistent & finite)]) if not consistent.all() else active
+        rows = (
+            np.concatenate([active, np.flatnonzero(~consistent & finite)]) if not consistent.all() else active
+        )
         if len(rows) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         cells, inv = np.unique(cell29[rows] >> (2 * (MAX_ORDER - c)), return_inverse=True)
@@ -1001,8 +1057,11 @@ class _Verifier:
             for group in np.split(pending[sort], bounds):
                 tile = int(candidates["tile"][group[0]])
                 keep[group] = _within(
-                    candidates["ra"][group], candidates["dec"][group],
-                    int(self.tiles.orders[tile]), int(self.tiles.pixels[tile]), self.threshold,
+                    candidates["ra"][group],
+                    candidates["dec"][group],
+                    int(self.tiles.orders[tile]),
+                    int(self.tiles.pixels[tile]),
+                    self.threshold,
                 )
         return {key: value[keep] for key, value in candidates.items()}
 
@@ -1065,7 +1124,10 @@ class _Verifier:
             return missing_pos
         keys = {(int(a), int(b)) for a, b in zip(margin["tile"][altered_pos], margin["spidx"][altered_pos])}
         stand_in = np.array(
-            [(int(a), int(b)) in keys for a, b in zip(expected["tile"][missing_pos], expected["spidx"][missing_pos])],
+            [
+                (int(a), int(b)) in keys
+                for a, b in zip(expected["tile"][missing_pos], expected["spidx"][missing_pos])
+            ],
             dtype=bool,
         )
         return missing_pos[~stand_in]
@@ -1083,8 +1145,12 @@ class _Verifier:
         border = ratio >= 1.0 - self.rtol
         self._record_borderline(
             [
-                {"kind": "missing", "pixel": self._pixel_of(expected["tile"][p]), "spatial_index": int(expected["spidx"][p]),
-                     "distance_ratio": float(expected["ratio"][p])}
+                {
+                    "kind": "missing",
+                    "pixel": self._pixel_of(expected["tile"][p]),
+                    "spatial_index": int(expected["spidx"][p]),
+                    "distance_ratio": float(expected["ratio"][p]),
+                }
                 for p in pos[border][: self.max_examples]
             ],
             int(border.sum()),
@@ -1092,7 +1158,7 @@ class _Verifier:
         pos = pos[~border]
         self.report.missing += len(pos)
         room = self.max_examples - len(self.report.missing_examples)
-        for p in pos[:max(room, 0)]:
+        for p in pos[: max(room, 0)]:
             self.report.missing_examples.append(
                 {
                     "pixel": self._pixel_of(expected["tile"][p]),
@@ -1107,19 +1173,25 @@ class _Verifier:
     def _record_borderline(self, examples, count):
         self.report.borderline += count
         room = self.max_examples - len(self.report.borderline_examples)
-        self.report.borderline_examples += examples[:max(room, 0)]
+        self.report.borderline_examples += examples[: max(room, 0)]
 
     def _record_altered(self, pos, margin, known_source):
         self.report.altered += len(pos)
         room = self.max_examples - len(self.report.altered_examples)
-        for p in pos[:max(room, 0)]:
+        for p in pos[: max(room, 0)]:
             tile, source = int(margin["tile"][p]), int(known_source[p])
-            example = {"pixel": self._pixel_of(tile), "row": int(margin["row"][p]), "spatial_index": int(margin["spidx"][p])}
+            example = {
+                "pixel": self._pixel_of(tile),
+                "row": int(margin["row"][p]),
+                "spatial_index": int(margin["spidx"][p]),
+            }
             if source < 0:
                 example["problem"] = "no primary row has this spatial index"
             else:
                 example["source"] = self._pixel_of(source)
-                example["differs"] = ",".join(self._differing_columns(tile, int(margin["row"][p]), source)) or "?"
+                example["differs"] = (
+                    ",".join(self._differing_columns(tile, int(margin["row"][p]), source)) or "?"
+                )
             self.report.altered_examples.append(example)
 
     def _differing_columns(self, tile: int, row: int, source: int) -> list[str]:
@@ -1155,8 +1227,12 @@ class _Verifier:
         border = ~is_self & (ratio <= 1.0 + self.rtol)
         self._record_borderline(
             [
-                {"kind": "extra", "pixel": self._pixel_of(tiles[i]), "spatial_index": int(margin["spidx"][pos[i]]),
-                     "distance_ratio": float(ratio[i])}
+                {
+                    "kind": "extra",
+                    "pixel": self._pixel_of(tiles[i]),
+                    "spatial_index": int(margin["spidx"][pos[i]]),
+                    "distance_ratio": float(ratio[i]),
+                }
                 for i in np.flatnonzero(border)[: self.max_examples]
             ],
             int(border.sum()),
@@ -1189,10 +1265,13 @@ class _Verifier:
     def _record_duplicates(self, pos, margin):
         self.report.duplicates += len(pos)
         room = self.max_examples - len(self.report.duplicate_examples)
-        for p in pos[:max(room, 0)]:
+        for p in pos[: max(room, 0)]:
             self.report.duplicate_examples.append(
-                {"pixel": self._pixel_of(margin["tile"][p]), "row": int(margin["row"][p]),
-                     "spatial_index": int(margin["spidx"][p])}
+                {
+                    "pixel": self._pixel_of(margin["tile"][p]),
+                    "row": int(margin["row"][p]),
+                    "spatial_index": int(margin["spidx"][p]),
+                }
             )
 
     def _finish_histogram(self):
