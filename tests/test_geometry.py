@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import cdshealpix.nested as cds
 import hats
-from hats.pixel_tree.negative_tree import compute_negative_tree_pixels
-from hats.pixel_tree.pixel_tree import PixelTree
 import numpy as np
 import pytest
+from hats.pixel_tree.negative_tree import compute_negative_tree_pixels
+from hats.pixel_tree.pixel_tree import PixelTree
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -166,9 +166,11 @@ def test_lsdb_opens_primary_with_margin(client, catalogs, tmp_path):
 
 def test_two_worker_processes_give_the_same_output(client, catalogs, tmp_path):
     _, one = build(client, catalogs, tmp_path, name="one", margin_threshold=600.0)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        with Client(cluster) as two_workers:
-            _, two = build(two_workers, catalogs, tmp_path, name="two", margin_threshold=600.0)
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as two_workers,
+    ):
+        _, two = build(two_workers, catalogs, tmp_path, name="two", margin_threshold=600.0)
     assert rows_per_pixel(one) == rows_per_pixel(two)
 
 

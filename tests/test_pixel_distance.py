@@ -669,3 +669,18 @@ def test_points_within_reach_are_in_cell_or_neighbours(chunk):
         reach = ring_reach_arcsec(order)
         lower = _ring_lower_bound_arcsec(order, cell)
         assert lower > reach, (order, cell, lower, reach)
+
+
+def test_known_outside_gives_the_same_mask_for_outside_points():
+    rng = np.random.default_rng(7)
+    n = 20000
+    ra = rng.uniform(0, 360, n)
+    dec = np.degrees(np.arcsin(rng.uniform(-1, 1, n)))
+    order, pixel = 4, 1234
+    own = cds.lonlat_to_healpix(Longitude(ra, u.deg), Latitude(dec, u.deg), order)
+    outside = own != pixel
+    for threshold in (3600.0, 7200.0, 36000.0):
+        full = within_threshold_of_pixel(ra[outside], dec[outside], order, pixel, threshold)
+        fast = within_threshold_of_pixel(ra[outside], dec[outside], order, pixel, threshold, known_outside=True)
+        np.testing.assert_array_equal(full, fast)
+        assert full.any() and not full.all()

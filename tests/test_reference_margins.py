@@ -7,7 +7,6 @@ import pytest
 from hats.catalog import TableProperties
 
 from hats_margin import MarginCacheArguments, pipeline_with_client
-
 from helpers import pixel_files, rows_per_pixel
 
 CASES = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import cdshealpix.nested as cds
 import hats
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pytest
 
 from hats_margin import MarginCacheArguments, pipeline_with_client
 from hats_margin.pixel_distance import within_threshold_of_pixel
+from hats_margin.synthetic import THREE_PIXEL_VERTICES_DEG, spatial_index
 from hats_margin.verify import main, verify_margin
 
 SOURCE = "small_sky_source_catalog"
@@ -168,6 +170,46 @@ def test_order12_spatial_index_and_nested_columns(client, catalogs, tmp_path, fi
     assert report.altered == 1 and report.missing == 0 and report.altered_examples[0]["differs"] == "tags"
 
 
+def test_an_empty_margin_verifies(client, catalogs, tmp_path):
+    margin = build(
+        client, catalogs, tmp_path, "empty", primary="small_sky_object_catalog", margin_threshold=0.5
+    )
+    report = verify_margin(margin)
+    assert report.ok and report.pixels == report.rows_in_margin == report.rows_expected == 0, report.summary()
+
+
+def _ring(cell, order, steps):
+    found = {int(cell)}
+    for _ in range(steps):
+        neighbours = cds.neighbours(np.array(sorted(found), dtype=np.uint64), order).ravel()
+        found |= {int(c) for c in neighbours if c >= 0}
+    return found
+
+
+def test_the_ring_nesting_the_candidate_search_relies_on():
+    """The 2-ring of a cell lies in the 1-ring and in the 2-ring of its parent (poles and
+    three-base-pixel vertices included)."""
+    rng = np.random.default_rng(1)
+    vertices = np.array(THREE_PIXEL_VERTICES_DEG)
+    ra = np.concatenate(
+        [rng.uniform(0, 360, 60), vertices[:, 0] + 1e-9, vertices[:, 0] - 1e-9, [0, 90, 0, 270]]
+    )
+    dec = np.concatenate(
+        [
+            np.degrees(np.arcsin(rng.uniform(-1, 1, 60))),
+            vertices[:, 1] + 1e-9,
+            vertices[:, 1] - 1e-9,
+            [90, 90, -90, -90],
+        ]
+    )
+    for order in (1, 2, 5, 9):
+        cells = spatial_index(ra, dec) >> (2 * (29 - order))
+        for cell in cells:
+            children = {c >> 2 for c in _ring(cell, order, 2)}
+            assert children <= _ring(cell >> 2, order - 1, 1)
+            assert children <= _ring(cell >> 2, order - 1, 2)
+
+
 # ------------------------------------------------------------------------ reference margins
 @pytest.mark.parametrize(
     ("reference", "primary", "extras"), REFERENCE_CASES, ids=[c[0] for c in REFERENCE_CASES]
@@ -208,7 +250,6 @@ def _read(path):
 def _primary_row_far_from(catalogs, order, pixel):
     """A primary row from the partition whose centre is farthest from the pixel."""
     primary = hats.read_hats(catalogs / SOURCE)
-    import cdshealpix.nested as cds
 
     def center(o, p):
         lon, lat = cds.healpix_to_lonlat(np.array([p], dtype=np.uint64), o)

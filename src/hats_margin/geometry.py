@@ -141,7 +141,7 @@ class Tiling:
     pixels: np.ndarray
 
     @classmethod
-    def from_pixels(cls, orders, pixels) -> "Tiling":
+    def from_pixels(cls, orders, pixels) -> Tiling:
         orders = np.asarray(orders, dtype=np.int64)
         pixels = np.asarray(pixels, dtype=np.int64)
         starts = pixels << (2 * (MAX_ORDER - orders))

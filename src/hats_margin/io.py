@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from hats.io.file_io.file_io import get_parquet_write_table_kwargs
+from pyarrow import ipc
 from upath import UPath
 
 from hats_margin.errors import InputCatalogError

@@ -51,14 +51,16 @@ Method
   and the first upper bound; the surviving segments become tasks; each round splits a task
   into 4 sub-intervals around its anchor and keeps the ones whose lower bound can still beat
   ``upper - tolerance`` (or, for the mask, the threshold), re-anchored at the Newton point.
-  Every round at least halves a task, so it terminates (typically 1-4 rounds).
+  Every round at least halves a task, so it terminates (typically 1-4 rounds). Polar edges
+  lying on a face border are meridian arcs (great circles) and are measured exactly instead:
+  this removes the only flat case (points 90 deg away are equidistant from such an edge).
 * ``within_threshold_of_pixel`` first applies a cap pre-filter (chord to the pixel centre vs.
   threshold and threshold + certified circumradius) and the inside test, so points away from
   the threshold band never touch the boundary.
 * Work arrays are chunked to <= 2**21 entries (points x segments, tasks x sub-intervals).
 
-Measured speed (2 vCPU container shared with other jobs, numpy 2.4; best of 3, CPU time in
-parentheses; pixel 4000 at order 5 unless noted)::
+Measured speed (2 vCPU container shared with other jobs, numpy 2.4, best of 3 runs; pixel 4000
+at order 5 unless noted). Reproduce the first figure with::
 
     import time, numpy as np
     from hats_margin.pixel_distance import within_threshold_of_pixel as within
@@ -66,14 +68,13 @@ parentheses; pixel 4000 at order 5 unless noted)::
     ra = rng.uniform(0, 360, N); dec = np.degrees(np.arcsin(rng.uniform(-1, 1, N)))
     t = time.perf_counter(); within(ra, dec, 5, 4000, 60.0); print(N / (time.perf_counter() - t))
 
-* ``within_threshold_of_pixel``, uniform sky: 4.4e6 points/s (6.1e6);
-  all points within 2 pixel widths of the pixel: 1.4e6-2.3e6 points/s (2.0e6-3.5e6) for
-  thresholds 1e-3, 60 and 3600 arcsec;
-  points whose distance is within 1e-5..1e-2 (relative) of the threshold: 0.8e5-2.7e5
-  points/s (1.5e5-3.4e5) for orders 2-10 and thresholds 10 arcsec to 10 deg.
-* ``distance_to_pixel_arcsec`` (full precision for every point): points within 2 pixel
-  widths 2.0e5 points/s (2.2e5); uniform sky 0.6e5-2.5e5 points/s (1.2e5-7.6e5) for
-  orders 0-29; points inside the pixel cost only the cdshealpix lookup.
+* ``within_threshold_of_pixel``: uniform sky 6.2e6 points/s; all points within 2 pixel widths
+  of the pixel 3.5e6 points/s (thresholds 1e-3 and 60 arcsec), 1.8e6 points/s (3600 arcsec);
+  points whose distance is within 1e-5 .. 1e-2 (relative) of the threshold, i.e. the band
+  that needs the boundary: 1.5e5-3.2e5 points/s (orders 2-10, thresholds 10 arcsec-10 deg).
+* ``distance_to_pixel_arcsec`` (full precision for every point): points within 2 pixel widths
+  2.1e5 points/s; uniform sky 1.0e5 (order 0), 1.1e5 (5), 1.5e5 (10), 1.8e5 (20) and
+  7.3e5 points/s (29); points inside the pixel cost only the cdshealpix lookup.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ _MAX_ORDER = 29
 _COARSE_PER_EDGE = 8  # coarse segments per edge (32 around the pixel)
 _SPLIT = 4  # sub-intervals per task and refinement round
 _CHUNK_ENTRIES = 1 << 21  # bound on points x segments entries per work array
-_MAX_ROUNDS = 80
+_MAX_ROUNDS = 64
+_MAX_TASKS_PER_POINT = 256
 
 # Stop refining once upper - lower <= _TOL_ABS + _TOL_REL * upper (radians).
 _TOL_ABS = 2.5e-15  # ~5.2e-10 arcsec
@@ -433,6 +435,36 @@ class _Solver:
         )
         cub = float(np.max(fc)) + 1e-14
         self.circumradius = float(2.0 * np.arcsin(min(0.5 * cub, 1.0))) * (1 + 1e-12) + 1e-14
+        # Polar edges on a face border (a == 0) are meridian arcs, i.e. great circles: their
+        # distance is computed exactly, which also avoids the one flat case of the branch
+        # and bound (points 90 deg from the meridian plane are equidistant from all of it).
+        self.meridians = []
+        for e in range(4):
+            if geom.zone[e] != _ZONE_EQ and geom.a[e] == 0.0:
+                ex_, ey_, ez_ = geom.evaluate(np.array([e, e]), np.array([0.0, 1.0]))
+                mx, my, _ = geom.evaluate(np.array([e]), np.array([0.5]))
+                rm = float(np.hypot(mx[0], my[0]))
+                theta = np.arctan2(ez_, np.hypot(ex_, ey_))
+                ends = (ex_, ey_, ez_)
+                self.meridians.append(
+                    (float(mx[0]) / rm, float(my[0]) / rm, float(theta.min()), float(theta.max()), ends)
+                )
+        self.c_skip = np.isin(
+            self.c_edge, [e for e in range(4) if geom.zone[e] != _ZONE_EQ and geom.a[e] == 0.0]
+        )
+
+    def _meridian_distance(self, px, py, pz, merid):
+        """Exact distance from points to a meridian arc (great circle through the pole)."""
+        cl, sl, th_lo, th_hi, (ex_, ey_, ez_) = merid
+        u_ = px * cl + py * sl  # in-plane coordinates of P: along (cos l, sin l, 0) and z
+        w_ = pz
+        off = -px * sl + py * cl  # P . N, N = (-sin l, cos l, 0)
+        theta = np.arctan2(w_, u_)
+        inside = (theta >= th_lo) & (theta <= th_hi)
+        d_plane = np.arctan2(np.abs(off), np.hypot(u_, w_))
+        d0 = _angle_between(px, py, pz, ex_[0], ey_[0], ez_[0])
+        d1 = _angle_between(px, py, pz, ex_[1], ey_[1], ez_[1])
+        return np.where(inside, d_plane, np.minimum(d0, d1))
 
     @staticmethod
     def _cut(ub, thr, decided_in):
@@ -468,6 +500,8 @@ class _Solver:
         del dx, dy, dz
         best = np.argmin(d2, axis=1)
         ub = _angle_between(px, py, pz, bx[best], by[best], bz[best])
+        for merid in self.meridians:
+            ub = np.minimum(ub, self._meridian_distance(px, py, pz, merid))
         cut = self._cut(ub, thr, decided_in)
         if np.any(far):
             fi = np.nonzero(far)[0]
@@ -480,6 +514,7 @@ class _Solver:
         chord = np.sqrt(d2)
         del d2
         cand = _survive(chord + np.where(far[:, None], self.c_rho, -self.c_rho), cut[:, None], far[:, None])
+        cand &= ~self.c_skip
         pidx, sidx = np.nonzero(cand)
         del chord, cand
         edge = self.c_edge[sidx]
@@ -498,9 +533,13 @@ class _Solver:
         del b, parts
 
         rounds = 0
+        max_total = _MAX_TASKS_PER_POINT * npts + _CHUNK_ENTRIES
         while pidx.size:
             rounds += 1
-            if rounds > _MAX_ROUNDS:
+            # Safety net only: bounds are consistent to rounding (_SLACK < _TOL_ABS), every
+            # round at least halves each task, and the worst real case (a point 90 deg from a
+            # meridian edge, equidistant from all of it) needs ~2e4 tasks for one point.
+            if rounds > _MAX_ROUNDS or pidx.size > max_total:
                 warnings.warn(
                     f"pixel_distance: refinement did not converge for {np.unique(pidx).size} "
                     "point(s); returning the best upper bound",
@@ -673,11 +712,14 @@ def distance_to_pixel_arcsec(ra_deg: np.ndarray, dec_deg: np.ndarray, order: int
     return out.reshape(shape)
 
 
-def within_threshold_of_pixel(ra_deg, dec_deg, order: int, pixel: int, threshold_arcsec: float) -> np.ndarray:
+def within_threshold_of_pixel(
+    ra_deg, dec_deg, order: int, pixel: int, threshold_arcsec: float, *, known_outside: bool = False
+) -> np.ndarray:
     """Boolean mask ``distance_to_pixel <= threshold_arcsec`` (False for non-finite points).
 
     Exact except for points whose true distance is within ``1e-9 arcsec + 1e-9 * threshold``
-    of the threshold.
+    of the threshold. ``known_outside=True`` is the caller's promise that no point lies in the
+    pixel (e.g. rows of another partition): the inside lookup, a third of the cost, is skipped.
     """
     order, pixel = _check_pixel(order, pixel)
     thr_arcsec = float(threshold_arcsec)
@@ -712,9 +754,10 @@ def within_threshold_of_pixel(ra_deg, dec_deg, order: int, pixel: int, threshold
         todo = np.nonzero(~near & (chord <= chord_out))[0]
         if todo.size == 0:
             continue
-        inside = _inside(r[todo], d[todo], order, pixel)
-        out[idx[todo[inside]]] = True
-        todo = todo[~inside]
+        if not known_outside:
+            inside = _inside(r[todo], d[todo], order, pixel)
+            out[idx[todo[inside]]] = True
+            todo = todo[~inside]
         small = _chunk_size()
         for s0 in range(0, todo.size, small):
             sel = todo[s0 : s0 + small]

@@ -102,7 +102,7 @@ def _run_batch(func: Callable, tasks: list) -> dict[str, tuple[bool, object]]:
     for task in tasks:
         try:
             outcome[task.key] = (True, func(task))
-        except Exception as exc:  # reported by the driver, with the task's own notes
+        except Exception as exc:  # noqa: BLE001 - reported by the driver, with the task's notes
             outcome[task.key] = (False, exc)
     return outcome
 

@@ -637,34 +637,22 @@ def _within(
 
 
 # ------------------------------------------------------------------------------------ verifier
-@dataclass
 class _Keys:
-    """Columns of row keys gathered for one batch."""
+    """Columns of row keys gathered for one batch: tile, spidx, hash and named extras."""
 
-    tile: list = field(default_factory=list)
-    spidx: list = field(default_factory=list)
-    hash: list = field(default_factory=list)
-    extra: dict = field(default_factory=dict)
+    def __init__(self, **extra_dtypes):
+        self.dtypes = {"tile": np.int64, "spidx": np.int64, "hash": np.uint64, **extra_dtypes}
+        self.parts: dict[str, list] = {key: [] for key in self.dtypes}
 
     def add(self, tile, spidx, hashes, **extra):
-        self.tile.append(np.asarray(tile, dtype=np.int64))
-        self.spidx.append(np.asarray(spidx, dtype=np.int64))
-        self.hash.append(np.asarray(hashes, dtype=np.uint64))
-        for key, value in extra.items():
-            self.extra.setdefault(key, []).append(np.asarray(value))
+        for key, value in {"tile": tile, "spidx": spidx, "hash": hashes, **extra}.items():
+            self.parts[key].append(np.asarray(value, dtype=self.dtypes[key]))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        def cat(parts, dtype):
-            return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-
-        out = {
-            "tile": cat(self.tile, np.int64),
-            "spidx": cat(self.spidx, np.int64),
-            "hash": cat(self.hash, np.uint64),
+        return {
+            key: np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtypes[key])
+            for key, parts in self.parts.items()
         }
-        for key, parts in self.extra.items():
-            out[key] = np.concatenate(parts)
-        return out
 
 
 class _Verifier:
@@ -845,7 +833,7 @@ class _Verifier:
         n_margin = len(order)
         primary_has = np.zeros(n_margin, dtype=bool)
         known_source = np.full(n_margin, -1, dtype=np.int64)
-        expected = _Keys()
+        expected = _Keys(ratio=np.float64, ra=np.float64, dec=np.float64, source=np.int64)
         for source in self._sources_reaching(in_batch):
             self._scan_source(
                 source, in_batch, sorted_spidx, order, margin, primary_has, known_source, expected
@@ -853,7 +841,7 @@ class _Verifier:
         self._compare(self._decide(expected.arrays()), margin, primary_has, known_source)
 
     def _read_margin_keys(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        keys = _Keys()
+        keys = _Keys(ra=np.float64, dec=np.float64, row=np.int64)
         schema = self.primary.schema
         for tile in batch:
             pixel = (int(self.tiles.orders[tile]), int(self.tiles.pixels[tile]))
@@ -883,10 +871,7 @@ class _Verifier:
                 dec=table.column(self.primary.dec_column).to_numpy(zero_copy_only=False).astype(np.float64),
                 row=np.arange(n, dtype=np.int64),
             )
-        out = keys.arrays()
-        for key, dtype in (("ra", np.float64), ("dec", np.float64), ("row", np.int64)):
-            out.setdefault(key, np.zeros(0, dtype=dtype))
-        return out
+        return keys.arrays()
 
     def _sources_reaching(self, in_batch: np.ndarray) -> list[int]:
         if in_batch.all():

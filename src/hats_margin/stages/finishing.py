@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import hats
@@ -82,7 +82,7 @@ def _properties(plan, pixels, total_rows) -> TableProperties:
             "hats_margin_order": int(plan.margin_order),
             "hats_margin_fine_filtering": str(bool(args.fine_filtering)).lower(),
             "hats_builder": f"hats-margin v{__version__}, hats v{hats.__version__}",
-            "hats_creation_date": datetime.now(tz=timezone.utc).strftime("%Y-%m-%dT%H:%M%Z"),
+            "hats_creation_date": datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M%Z"),
             "hats_version": "v1.0",
         }
     )

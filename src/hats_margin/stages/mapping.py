@@ -8,13 +8,13 @@ exact mode read ra/dec of the candidates and keep those within the threshold
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
 import pyarrow as pa
 
 from hats_margin import geometry
-from hats_margin.pixel_distance import distance_to_pixel_arcsec, within_threshold_of_pixel
 from hats_margin.errors import InputCatalogError
 from hats_margin.io import (
     ShardWriters,
@@ -26,6 +26,7 @@ from hats_margin.io import (
     read_row_group,
     write_json,
 )
+from hats_margin.pixel_distance import distance_to_pixel_arcsec, within_threshold_of_pixel
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def _exact_filter(task, dests, parquet, path, group, rows, dest_idx):
                 index = read_row_group(parquet, path, group, [task.healpix_column]).column(0).to_numpy()
             keep[lo:hi] = _within_by_cells(task, ra[sel], dec[sel], index[sel], dest)
         else:
-            keep[lo:hi] = within_threshold_of_pixel(ra[sel], dec[sel], *dest, task.threshold_arcsec)
+            keep[lo:hi] = within_threshold_of_pixel(ra[sel], dec[sel], *dest, task.threshold_arcsec, known_outside=True)
     return rows[keep], dest_idx[keep]
 
 
@@ -129,7 +130,7 @@ def _within_by_cells(task, ra, dec, spatial_index, dest) -> np.ndarray:
     cells = spatial_index.astype(np.int64) >> (2 * (task.healpix_order - order))
     unique, row_cell = np.unique(cells, return_inverse=True)
     if len(unique) * 4 > len(cells):
-        return within_threshold_of_pixel(ra, dec, *dest, threshold)
+        return within_threshold_of_pixel(ra, dec, *dest, threshold, known_outside=True)
     c_ra, c_dec, radius = geometry.cell_centres_and_radii(unique, order)
     inner = np.maximum(threshold - radius, 0.0)
     all_in = np.zeros(len(unique), dtype=bool)
@@ -140,7 +141,9 @@ def _within_by_cells(task, ra, dec, spatial_index, dest) -> np.ndarray:
     undecided = any_in[row_cell] & ~decided_in
     result = decided_in.copy()
     if undecided.any():
-        result[undecided] = within_threshold_of_pixel(ra[undecided], dec[undecided], *dest, threshold)
+        result[undecided] = within_threshold_of_pixel(
+            ra[undecided], dec[undecided], *dest, threshold, known_outside=True
+        )
     return result
 
 
@@ -151,10 +154,10 @@ def _within_varying(ra, dec, dest, thresholds) -> np.ndarray:
         return np.zeros(0, dtype=bool)
     hi = float(thresholds.max())
     lo = float(thresholds.min())
-    maybe = within_threshold_of_pixel(ra, dec, *dest, hi)
+    maybe = within_threshold_of_pixel(ra, dec, *dest, hi, known_outside=True)
     if lo == hi or not maybe.any():
         return maybe
-    surely = within_threshold_of_pixel(ra[maybe], dec[maybe], *dest, lo)
+    surely = within_threshold_of_pixel(ra[maybe], dec[maybe], *dest, lo, known_outside=True)
     result = np.zeros(len(ra), dtype=bool)
     idx = np.flatnonzero(maybe)
     result[idx[surely]] = True
@@ -171,4 +174,4 @@ def _runs(sorted_keys: np.ndarray):
         return []
     cuts = np.flatnonzero(np.diff(sorted_keys)) + 1
     bounds = np.concatenate([[0], cuts, [len(sorted_keys)]])
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))

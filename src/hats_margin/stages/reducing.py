@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
+from upath import UPath
 
 from hats_margin.io import MarginFileWriter, TempLayout, read_json, read_shard, write_json
-from upath import UPath
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,35 @@
+"""The public surface is deliberate: exactly these names, each importable."""
+
+import hats_margin
+
+
+def test_all_is_the_public_surface():
+    assert hats_margin.__all__ == sorted(
+        [
+            "ArgumentError",
+            "HatsMarginError",
+            "InputCatalogError",
+            "MarginCacheArguments",
+            "MarginCacheResult",
+            "OutputExistsError",
+            "OutputLockedError",
+            "ResumeMismatchError",
+            "StageFailedError",
+            "__version__",
+            "pipeline",
+            "pipeline_with_client",
+            "verify_margin",
+        ]
+    )
+    for name in hats_margin.__all__:
+        assert getattr(hats_margin, name) is not None
+
+
+def test_errors_are_also_builtins():
+    assert issubclass(hats_margin.ArgumentError, ValueError)
+    assert issubclass(hats_margin.InputCatalogError, ValueError)
+    assert issubclass(hats_margin.OutputExistsError, FileExistsError)
+    assert issubclass(hats_margin.StageFailedError, RuntimeError)
+    for name in ("ArgumentError", "InputCatalogError", "OutputExistsError", "OutputLockedError",
+                 "ResumeMismatchError", "StageFailedError"):
+        assert issubclass(getattr(hats_margin, name), hats_margin.HatsMarginError)
