@@ -198,3 +198,15 @@ def test_a_removed_row_at_the_threshold_is_missing(built, tmp_path):
     report = verify_margin(damaged)
     assert report.missing == 1 and report.missing_examples[0]["pixel"] == pixel
     assert report.missing_examples[0]["distance_ratio"] == pytest.approx(1 - REL, rel=1e-8)
+
+
+def test_rows_a_hair_beyond_a_lower_threshold_are_extra_or_borderline(built):
+    """Checked against a threshold 1e-8 below the rows placed at 1 - 1e-6: those rows become
+    extras, or borderline with a tolerance above 1e-8."""
+    threshold, _, margin = built
+    lower = threshold * (1 - REL) * (1 - 1e-8)
+    strict = verify_margin(margin, threshold_arcsec=lower)
+    assert strict.missing == 0 and strict.extra > 100 and not strict.ok
+    assert 1 < strict.max_extra_distance_ratio < 1 + 2e-8
+    tolerant = verify_margin(margin, threshold_arcsec=lower, rtol=1e-7)
+    assert tolerant.extra == 0 and tolerant.borderline == strict.extra and tolerant.ok, tolerant.summary()

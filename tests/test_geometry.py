@@ -132,3 +132,22 @@ def test_coarse_order_matches_hats_margin2order():
 
     for threshold in (0.01, 0.5, 1, 5, 10, 60, 180, 360, 3600, 20000):
         assert geometry.coarse_order_for_threshold(threshold) == int(margin2order(threshold / 60)), threshold
+
+
+def test_mindist_table_equals_hats_order2mindist():
+    from hats.pixel_math.healpix_shim import order2mindist
+
+    for order in range(30):
+        assert geometry.coarse_reach_arcsec(order) == pytest.approx(float(order2mindist(order)) * 60.0, rel=1e-12)
+
+
+def test_worker_side_modules_do_not_import_hats():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, hats_margin.stages.mapping, hats_margin.stages.reducing, hats_margin.runner;"
+        "print('hats' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

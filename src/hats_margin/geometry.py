@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import cdshealpix.nested as cds
 import numpy as np
-from hats.pixel_math.healpix_shim import order2mindist
 
 MAX_ORDER = 29
 
@@ -29,8 +28,10 @@ MAX_ORDER = 29
 RING_SAFETY = 0.98
 
 
-# hats' order2mindist (arcsec) for every order, computed once (it goes through astropy units)
-_MINDIST_ARCSEC = np.array([float(order2mindist(k)) * 60.0 for k in range(MAX_ORDER + 1)])
+# hats' order2mindist (arcsec) for every order: mean cell size sqrt(4 pi / npix) / 1.6. Written
+# out here so that worker processes need not import hats (seconds of start-up per worker);
+# a test checks it against hats.
+_MINDIST_ARCSEC = np.degrees(np.sqrt(4 * np.pi / (12 * 4.0 ** np.arange(MAX_ORDER + 1)))) * 3600.0 / 1.6
 
 
 def ring_reach_arcsec(order: int) -> float:
@@ -115,6 +116,8 @@ def neighbourhood(cells: np.ndarray, order: int, rings: int) -> tuple[np.ndarray
         rep_owner = np.repeat(frontier_owner, nbrs.shape[1])
         flat = nbrs.reshape(-1).astype(np.int64)
         keep = flat >= 0
+        if rings == 1:  # cdshealpix lists a cell and its neighbours once each: no duplicates
+            return rep_owner[keep], flat[keep]
         new_owner, new_cell = _unique_pairs(rep_owner[keep], flat[keep])
         all_owner.append(new_owner)
         all_cell.append(new_cell)

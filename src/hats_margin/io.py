@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from hats.io.file_io.file_io import get_parquet_write_table_kwargs
 from pyarrow import ipc
 from upath import UPath
 
@@ -274,6 +273,8 @@ def margin_write_kwargs(schema: pa.Schema, spatial_index_column: str, user_kwarg
         "compression_level": DEFAULT_COMPRESSION_LEVEL,
         "sorting_columns": [pq.SortingColumn(schema.get_field_index(spatial_index_column))],
     }
+    from hats.io.file_io.file_io import get_parquet_write_table_kwargs  # driver only
+
     user_kwargs = dict(user_kwargs or {})
     if "compression" in user_kwargs and "compression_level" not in user_kwargs:
         defaults.pop("compression_level")

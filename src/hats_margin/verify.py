@@ -1098,10 +1098,9 @@ class _Verifier:
         extra_pos = unexpected_pos[is_copy]
 
         # a missing row that has an altered stand-in (same pixel and spatial index) counts once
-        missing_pos = self._absorb(missing_pos, expected, altered_pos, margin)
-        self._record_missing(missing_pos, expected)
+        missing_pos = self._record_missing(self._absorb(missing_pos, expected, altered_pos, margin), expected)
         self._record_altered(altered_pos, margin, known_source)
-        self._record_extra(extra_pos, margin)
+        extra_pos = self._record_extra(extra_pos, margin)
         self._per_pixel(expected, margin, missing_pos, altered_pos, extra_pos)
 
     def _absorb(self, missing_pos, expected, altered_pos, margin) -> np.ndarray:
@@ -1120,7 +1119,8 @@ class _Verifier:
     def _pixel_of(self, tile) -> str:
         return f"{int(self.tiles.orders[tile])}/{int(self.tiles.pixels[tile])}"
 
-    def _record_missing(self, pos, expected):
+    def _record_missing(self, pos, expected) -> np.ndarray:
+        """Count and describe missing rows (borderline ones aside); returns the missing ones."""
         ratio = expected["ratio"][pos]
         unknown = np.isnan(ratio)
         ratio[unknown] = self._ratios(
@@ -1154,6 +1154,7 @@ class _Verifier:
                     "distance_ratio": float(expected["ratio"][p]),
                 }
             )
+        return pos
 
     def _record_borderline(self, examples, count):
         self.report.borderline += count
@@ -1201,9 +1202,10 @@ class _Verifier:
                 best = diff
         return best or []
 
-    def _record_extra(self, pos, margin):
+    def _record_extra(self, pos, margin) -> np.ndarray:
+        """Count and describe extra rows (borderline ones aside); returns the extra ones."""
         if len(pos) == 0:
-            return
+            return pos
         tiles = margin["tile"][pos]
         own = self.tiles.containing(margin["spidx"][pos] << self.shift_index)
         ratio = self._ratios(margin["ra"][pos], margin["dec"][pos], tiles)
@@ -1246,6 +1248,7 @@ class _Verifier:
                     "distance_ratio": float(ratio[i]),
                 }
             )
+        return pos[real]
 
     def _record_duplicates(self, pos, margin):
         self.report.duplicates += len(pos)

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from upath import UPath
 
 from hats_margin import geometry
 from hats_margin.errors import InputCatalogError
 from hats_margin.io import (
     ShardWriters,
+    TempLayout,
     check_file_schema,
     conform,
     leaf_files,
@@ -29,6 +32,28 @@ from hats_margin.io import (
 from hats_margin.pixel_distance import distance_to_pixel_arcsec, within_threshold_of_pixel
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MapTask:
+    """Everything one map task needs: one source partition and the destinations it can reach."""
+
+    key: str
+    source: tuple[int, int]
+    leaf: UPath
+    input_suffix: str
+    dest_orders: np.ndarray
+    dest_pixels: np.ndarray
+    search_order: int
+    rings: int
+    threshold_arcsec: float
+    fine_filtering: bool
+    healpix_column: str
+    healpix_order: int
+    ra_column: str
+    dec_column: str
+    schema: pa.Schema
+    layout: TempLayout
 
 
 def map_partition(task) -> dict:

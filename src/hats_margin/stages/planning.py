@@ -24,6 +24,7 @@ from hats_margin import collection, geometry
 from hats_margin.arguments import MarginCacheArguments
 from hats_margin.errors import ArgumentError, InputCatalogError
 from hats_margin.io import TempLayout, as_upath, is_local, leaf_path, list_leaves, read_input_schema
+from hats_margin.stages.mapping import MapTask
 
 logger = logging.getLogger(__name__)
 
@@ -44,28 +45,6 @@ class InputCatalog:
     @property
     def highest_order(self) -> int:
         return max((o for o, _ in self.partitions), default=0)
-
-
-@dataclass(frozen=True)
-class MapTask:
-    """Everything one map task needs: one source partition and the destinations it can reach."""
-
-    key: str
-    source: tuple[int, int]
-    leaf: UPath
-    input_suffix: str
-    dest_orders: np.ndarray
-    dest_pixels: np.ndarray
-    search_order: int
-    rings: int
-    threshold_arcsec: float
-    fine_filtering: bool
-    healpix_column: str
-    healpix_order: int
-    ra_column: str
-    dec_column: str
-    schema: pa.Schema
-    layout: TempLayout
 
 
 @dataclass
@@ -288,7 +267,10 @@ def make_map_tasks(plan: Plan) -> list[MapTask]:
     for order, pixel in catalog.partitions:
         tiles = reach[(order, pixel)]
         if args.fine_filtering:
-            search_order = max(plan.margin_order, order)
+            # the order only sets speed here: a margin_order much finer than the threshold
+            # would need thousands of neighbour rings, so search no finer than the threshold's
+            fitting = geometry.coarse_order_for_threshold(plan.threshold_arcsec)
+            search_order = max(order, min(plan.margin_order, fitting))
             rings = geometry.rings_needed(plan.threshold_arcsec, search_order)
         else:
             search_order, rings = plan.margin_order, 1
