@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
 import pytest
 from distributed import Client
 
+from helpers import tree_checksum
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "fixtures"
 CATALOGS = SHARED / "catalogs"
 REFERENCE_MARGINS = SHARED / "reference_margins"
 SAMPLE = REPO / "src" / "hats_margin" / "data" / "small_sky_source_catalog"
-
-
-def tree_checksum(root: Path) -> str:
-    """Hash of every file's relative path and bytes under root."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,3 +32,12 @@ def rows_per_pixel(catalog: Path) -> dict[tuple[int, int], list[tuple]]:
         table = pa.concat_tables([pq.read_table(f) for f in files])
         out[pixel] = sorted_rows(table)
     return out
+
+
+def tree_checksum(root: Path) -> str:
+    """Hash of every file's relative path and bytes under root (is an input untouched?)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()

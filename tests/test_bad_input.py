@@ -12,7 +12,6 @@ before anything that looks like a catalog exists (no hats.properties, not a vali
 from __future__ import annotations
 
 import errno
-import hashlib
 import math
 import re
 import shutil
@@ -30,18 +29,14 @@ from hats_margin import (
     StageFailedError,
     pipeline_with_client,
 )
+from helpers import tree_checksum
 
 SOURCE = "small_sky_source_catalog"
 PARTITION = Path("dataset", "Norder=2", "Dir=0", "Npix=176.parquet")
 OTHER_PARTITION = Path("dataset", "Norder=2", "Dir=0", "Npix=177.parquet")
 
 
-def tree_digest(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+tree_digest = tree_checksum
 
 
 def make_args(input_path, output_path, **kwargs) -> MarginCacheArguments:

@@ -9,7 +9,6 @@ resumed from.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -21,16 +20,12 @@ from hats.io.validation import is_valid_catalog
 
 from hats_margin import MarginCacheArguments, ResumeMismatchError, StageFailedError, pipeline_with_client
 from hats_margin.stages import mapping, reducing
+from helpers import tree_checksum
 
 NAME = "margin"
 
 
-def digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
+digest = tree_checksum
 
 
 def rows(catalog: Path) -> dict[str, int]:

@@ -7,7 +7,6 @@ The subprocess is ``run_margin.py`` (beside this file). It runs in its own sessi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -25,6 +24,7 @@ import pytest
 from hats.io.validation import is_valid_catalog
 
 from hats_margin import MarginCacheArguments, pipeline_with_client
+from helpers import tree_checksum
 
 RUNNER = Path(__file__).with_name("run_margin.py")
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "catalogs"
@@ -37,12 +37,7 @@ THRESHOLD = 3600.0
 SUBPROCESS_ENV = {"NUMBA_DISABLE_JIT": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def tree_digest(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+tree_digest = tree_checksum
 
 
 # ------------------------------------------------------------------------------ margin content
