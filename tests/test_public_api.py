@@ -33,3 +33,15 @@ def test_errors_are_also_builtins():
     for name in ("ArgumentError", "InputCatalogError", "OutputExistsError", "OutputLockedError",
                  "ResumeMismatchError", "StageFailedError"):
         assert issubclass(getattr(hats_margin, name), hats_margin.HatsMarginError)
+
+
+def test_pipeline_is_the_function_after_every_submodule_is_imported():
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.walk_packages(hats_margin.__path__, "hats_margin."):
+        importlib.import_module(module.name)
+    from hats_margin import pipeline, pipeline_with_client
+
+    assert callable(pipeline) and pipeline.__name__ == "pipeline"
+    assert callable(pipeline_with_client)

@@ -19,9 +19,9 @@ _LAZY = {
     "ResumeMismatchError": "hats_margin.errors",
     "StageFailedError": "hats_margin.errors",
     "MarginCacheArguments": "hats_margin.arguments",
-    "MarginCacheResult": "hats_margin.pipeline",
-    "pipeline": "hats_margin.pipeline",
-    "pipeline_with_client": "hats_margin.pipeline",
+    "MarginCacheResult": "hats_margin.orchestrator",
+    "pipeline": "hats_margin.orchestrator",
+    "pipeline_with_client": "hats_margin.orchestrator",
     "verify_margin": "hats_margin.verify",
 }
 
@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         ResumeMismatchError,
         StageFailedError,
     )
-    from hats_margin.pipeline import MarginCacheResult, pipeline, pipeline_with_client
+    from hats_margin.orchestrator import MarginCacheResult, pipeline, pipeline_with_client
     from hats_margin.verify import verify_margin
 
 

@@ -158,7 +158,7 @@ def _primary_name(input_path) -> str:
 
 
 def _run(args, scheduler: str | None):
-    from hats_margin.pipeline import pipeline, pipeline_with_client
+    from hats_margin.orchestrator import pipeline, pipeline_with_client
 
     if scheduler is None:
         return pipeline(args)

@@ -70,7 +70,7 @@ def install(point: str, action=None):
     from hats_margin import io
     from hats_margin.stages import finishing, mapping, planning, reducing
 
-    pipeline = importlib.import_module("hats_margin.pipeline")  # hats_margin.pipeline is also a function
+    pipeline = importlib.import_module("hats_margin.orchestrator")
 
     name, _, count = point.partition(":")
     nth = int(count or 1)
