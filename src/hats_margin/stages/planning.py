@@ -264,12 +264,12 @@ def make_map_tasks(plan: Plan) -> list[MapTask]:
     tiling = destinations(catalog)
     reach = reachable_destinations(plan, tiling)
     tasks = []
+    # exact mode: the order only sets speed; a margin_order much finer than the threshold would
+    # need thousands of neighbour rings, so search no finer than the threshold's own order
+    fitting = geometry.coarse_order_for_threshold(plan.threshold_arcsec)
     for order, pixel in catalog.partitions:
         tiles = reach[(order, pixel)]
         if args.fine_filtering:
-            # the order only sets speed here: a margin_order much finer than the threshold
-            # would need thousands of neighbour rings, so search no finer than the threshold's
-            fitting = geometry.coarse_order_for_threshold(plan.threshold_arcsec)
             search_order = max(order, min(plan.margin_order, fitting))
             rings = geometry.rings_needed(plan.threshold_arcsec, search_order)
         else:
@@ -278,7 +278,7 @@ def make_map_tasks(plan: Plan) -> list[MapTask]:
             MapTask(
                 key=f"{order}_{pixel}",
                 source=(order, pixel),
-                leaf=leaf_path(catalog.path, order, pixel, catalog.npix_suffix),
+                catalog_root=catalog.path,
                 input_suffix=catalog.npix_suffix,
                 dest_orders=tiling.orders[tiles],
                 dest_pixels=tiling.pixels[tiles],
