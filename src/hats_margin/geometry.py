@@ -181,13 +181,6 @@ class Tiling:
         return -1
 
 
-def reachable_tiles(tiling: Tiling, order: int, pixel: int, rings: int) -> np.ndarray:
-    """Indices of tiles overlapping the ``rings``-neighbourhood of one pixel (itself included)."""
-    _, cells = neighbourhood(np.array([pixel], dtype=np.int64), order, rings)
-    _, tile_idx = tiling.overlapping(order, cells)
-    return np.unique(tile_idx)
-
-
 def candidate_pairs(
     spatial_index: np.ndarray,
     index_order: int,

@@ -93,10 +93,13 @@ def _is_ours(layout: TempLayout) -> bool:
     return all(name in {"mapping", "reducing", "shards", "run.json"} or _TEMP_JSON.match(name) for name in names)
 
 
+def digest(value) -> str:
+    """Short stable hash of a JSON-able value (fingerprint fields, whole fingerprints)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def fingerprint_digest(fingerprint: dict | None) -> str | None:
-    if fingerprint is None:
-        return None
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return None if fingerprint is None else digest(fingerprint)
 
 
 def _pid_alive(pid: int) -> bool:

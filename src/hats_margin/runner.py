@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 from distributed import Client, as_completed
 from tqdm.auto import tqdm
@@ -118,14 +119,10 @@ class StageClock:
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
+    @contextmanager
     def __call__(self, stage: str):
-        clock = self
-
-        class _Timer:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock.seconds[stage] = clock.seconds.get(stage, 0.0) + time.perf_counter() - self.start
-
-        return _Timer()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start

@@ -107,7 +107,7 @@ def _map_row_group(task, dests, parquet, path, group, writers):
     if len(rows) == 0:
         return
     if task.fine_filtering:
-        rows, dest_idx = _exact_filter(task, dests, parquet, path, group, rows, dest_idx)
+        rows, dest_idx = _exact_filter(task, dests, parquet, path, group, spatial_index, rows, dest_idx)
         if len(rows) == 0:
             return
     table = conform(read_row_group(parquet, path, group), task.schema)
@@ -128,21 +128,20 @@ def _check_rows_in_partition(task, path, spatial_index):
         )
 
 
-def _exact_filter(task, dests, parquet, path, group, rows, dest_idx):
+def _exact_filter(task, dests, parquet, path, group, spatial_index, rows, dest_idx):
     radec = read_row_group(parquet, path, group, [task.ra_column, task.dec_column])
     ra = radec.column(0).to_numpy()
     dec = radec.column(1).to_numpy()
     keep = np.zeros(len(rows), dtype=bool)
-    index = None
     for lo, hi in _runs(dest_idx):
         dest = (int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
         sel = rows[lo:hi]
         if len(sel) >= _CELL_TEST_MIN_ROWS:
-            if index is None:
-                index = read_row_group(parquet, path, group, [task.healpix_column]).column(0).to_numpy()
-            keep[lo:hi] = _within_by_cells(task, ra[sel], dec[sel], index[sel], dest)
+            keep[lo:hi] = _within_by_cells(task, ra[sel], dec[sel], spatial_index[sel], dest)
         else:
-            keep[lo:hi] = within_threshold_of_pixel(ra[sel], dec[sel], *dest, task.threshold_arcsec, known_outside=True)
+            keep[lo:hi] = within_threshold_of_pixel(
+                ra[sel], dec[sel], *dest, task.threshold_arcsec, known_outside=True
+            )
     return rows[keep], dest_idx[keep]
 
 

@@ -7,8 +7,6 @@ neighbour query per partition order. No global pair table is written or read.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from hats_margin import collection, geometry
 from hats_margin.arguments import MarginCacheArguments
 from hats_margin.errors import ArgumentError, InputCatalogError
 from hats_margin.io import TempLayout, as_upath, is_local, leaf_path, list_leaves, read_input_schema
+from hats_margin.resume import digest
 from hats_margin.stages.mapping import MapTask
 
 logger = logging.getLogger(__name__)
@@ -213,9 +212,6 @@ def resolve_margin_order(args: MarginCacheArguments, catalog: InputCatalog) -> i
 
 
 def make_fingerprint(args: MarginCacheArguments, catalog: InputCatalog, margin_order: int) -> dict:
-    def digest(value) -> str:
-        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
     return {
         "input_catalog_path": str(catalog.path),
         "input_partitions": digest(sorted(catalog.partitions)),
