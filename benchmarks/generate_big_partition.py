@@ -1,6 +1,6 @@
 """A catalog with one huge partition, for the memory target of the benchmarks.
 
-    python benchmarks/generate_big_partition.py /work/bench-data/big_partition --rows 6000000
+    python benchmarks/generate_big_partition.py ../bench-data/big_partition --rows 6000000
 
 All rows fall inside base pixel 4, so the catalog is a single order-0 partition of ``--rows``
 rows written in row groups of 100,000 rows (a map task that read the partition whole would need

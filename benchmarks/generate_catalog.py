@@ -3,7 +3,7 @@
     python benchmarks/generate_catalog.py OUT_DIR --rows 10000000 \
         --max-rows-per-partition 50000 --row-group-size 100000 --seed 0
 
-Writes the catalog to OUT_DIR (keep it out of the repository, e.g. under /work/bench-data/)
+Writes the catalog to OUT_DIR (keep it out of the repository, e.g. under ../bench-data/)
 and prints how long generating the rows and writing the catalog took.
 """
 

@@ -24,7 +24,7 @@ shared pages are counted once per process), and the rows (``hats_nrows``) and by
 ``dataset/``) written. With ``--repeats R`` every run is repeated and the fastest repeat (by
 in-pipeline time) is reported.
 
-Generated catalogs and outputs go under ``--data-dir`` (default ``/work/bench-data``), never
+Generated catalogs and outputs go under ``--data-dir`` (default ``bench-data`` beside the repository), never
 into the repository.
 """
 
@@ -509,7 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--scaling", action="store_true", help="also run exact mode with 1 and 2 workers")
     parser.add_argument("--floor-rows", type=int, default=None, help="rows for the floor to write")
-    parser.add_argument("--data-dir", default="/work/bench-data")
+    parser.add_argument(
+        "--data-dir",
+        default=str(Path(__file__).resolve().parents[2] / "bench-data"),
+        help="generated outputs (default: bench-data beside the repository)",
+    )
     parser.add_argument("--keep-outputs", action="store_true", help="keep the margins written")
     parser.add_argument(
         "--validate",

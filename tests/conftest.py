@@ -11,10 +11,13 @@ from distributed import Client
 from helpers import tree_checksum
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "fixtures"
-CATALOGS = SHARED / "catalogs"
-REFERENCE_MARGINS = SHARED / "reference_margins"
+DATA = REPO / "tests" / "data"
+CATALOGS = DATA / "catalogs"
+REFERENCE_MARGINS = DATA / "reference_margins"
+# The sample catalog lives once, in the package (``hats-margin demo`` needs it installed);
+# tests/data/catalogs/small_sky_source_catalog is a symbolic link to it.
 SAMPLE = REPO / "src" / "hats_margin" / "data" / "small_sky_source_catalog"
+FIXTURE_ROOTS = [CATALOGS, REFERENCE_MARGINS, SAMPLE]
 
 
 @pytest.fixture(scope="session")
@@ -37,12 +40,14 @@ def client():
 
 @pytest.fixture(scope="session", autouse=True)
 def inputs_are_never_modified():
-    """The fixture catalogs are checksummed before and after the whole session."""
-    roots = [CATALOGS, REFERENCE_MARGINS]
-    before = {root: tree_checksum(root) for root in roots if root.exists()}
+    """The fixture catalogs are checksummed before and after the whole session; a missing
+    fixture is an error, not a silent skip."""
+    missing = [str(root) for root in FIXTURE_ROOTS if not root.is_dir()]
+    assert not missing, f"fixture data missing from the repository: {missing}"
+    before = {root: tree_checksum(root) for root in FIXTURE_ROOTS}
     yield
     after = {root: tree_checksum(root) for root in before}
-    assert before == after, "a test modified the shared input catalogs"
+    assert before == after, "a test modified the fixture catalogs"
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from hats_margin import MarginCacheArguments, pipeline_with_client
 from helpers import tree_checksum
 
 RUNNER = Path(__file__).with_name("run_margin.py")
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "catalogs"
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "catalogs"
 SOURCE = FIXTURES / "small_sky_source_catalog"
 NAME = "margin"
 THRESHOLD = 3600.0
