@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hats_margin import MarginCacheArguments, pipeline_with_client
+from hats_margin import MarginCacheArguments, cli, pipeline_with_client
 from hats_margin.pixel_distance import within_threshold_of_pixel
 from hats_margin.synthetic import THREE_PIXEL_VERTICES_DEG, spatial_index
-from hats_margin.verify import main, verify_margin
+from hats_margin.verify import verify_margin
 
 SOURCE = "small_sky_source_catalog"
 
@@ -265,7 +265,7 @@ def _primary_row_far_from(catalogs, order, pixel):
     return _read(_file(catalogs / SOURCE, far.order, far.pixel)).slice(0, 1)
 
 
-def test_a_deleted_row_is_missing(damaged):
+def test_a_deleted_row_is_missing(damaged, client):
     order, pixel, path = _largest_pixel(damaged)
     table = _read(path)
     pq.write_table(table.slice(1), path)
@@ -276,7 +276,7 @@ def test_a_deleted_row_is_missing(damaged):
     assert report.missing_examples[0]["spatial_index"] == table["_healpix_29"][0].as_py()
     assert 0 <= report.missing_examples[0]["distance_ratio"] <= 1
     assert any("hats_nrows" in s for s in report.structural)
-    assert main([str(damaged)]) == 1
+    assert cli.main(["verify", str(damaged), "--scheduler", client.scheduler.address]) == 1
 
 
 def test_an_added_far_row_is_extra(damaged, catalogs):
@@ -291,7 +291,7 @@ def test_an_added_far_row_is_extra(damaged, catalogs):
     assert verify_margin(damaged, exact=False).extra == 1
 
 
-def test_a_modified_value_is_altered(damaged):
+def test_a_modified_value_is_altered(damaged, client):
     order, pixel, path = _largest_pixel(damaged)
     table = _read(path)
     mag = table["mag"].to_numpy().copy()
@@ -303,10 +303,10 @@ def test_a_modified_value_is_altered(damaged):
     assert report.altered_examples[0]["differs"] == "mag"
     assert report.altered_examples[0]["pixel"] == f"{order}/{pixel}"
     assert not report.ok
-    assert main([str(damaged)]) == 1
+    assert cli.main(["verify", str(damaged), "--scheduler", client.scheduler.address]) == 1
 
 
-def test_a_duplicated_row_is_reported(damaged):
+def test_a_duplicated_row_is_reported(damaged, client):
     _, _, path = _largest_pixel(damaged)
     table = _read(path)
     pq.write_table(pa.concat_tables([table, table.slice(3, 1)]), path)
@@ -336,7 +336,7 @@ def test_a_pixel_that_is_not_a_partition_nor_negative_is_structural(damaged):
     assert not report.ok
 
 
-def test_wrong_hats_nrows_is_structural(damaged):
+def test_wrong_hats_nrows_is_structural(damaged, client):
     for name in ("hats.properties", "properties"):
         props = damaged / name
         lines = [
@@ -348,10 +348,10 @@ def test_wrong_hats_nrows_is_structural(damaged):
     assert report.missing == report.extra == report.altered == 0
     assert any("hats_nrows=12345" in s for s in report.structural)
     assert not report.ok
-    assert main([str(damaged)]) == 1
+    assert cli.main(["verify", str(damaged), "--scheduler", client.scheduler.address]) == 1
 
 
-def test_a_changed_column_type_is_structural_and_altered(damaged):
+def test_a_changed_column_type_is_structural_and_altered(damaged, client):
     order, pixel, path = _largest_pixel(damaged)
     table = _read(path)
     index = table.schema.get_field_index("mag")
@@ -370,6 +370,7 @@ def test_partition_info_that_differs_from_the_files_is_structural(damaged):
     assert any("not in partition_info.csv" in s for s in report.structural)
 
 
-def test_command_line_passes_a_clean_margin(margins, catalogs, capsys):
-    assert main([str(margins["exact_180"]), "--primary", str(catalogs / SOURCE)]) == 0
+def test_command_line_passes_a_clean_margin(margins, catalogs, capsys, client):
+    assert cli.main(["verify", str(margins["exact_180"]), "--primary", str(catalogs / SOURCE),
+                     "--scheduler", client.scheduler.address]) == 0
     assert "result   OK" in capsys.readouterr().out
