@@ -15,6 +15,7 @@ from upath import UPath
 
 from hats_margin import MarginCacheArguments, cli, pipeline_with_client
 from hats_margin.errors import InputCatalogError, StageFailedError
+from hats_margin.verify import verify_margin
 
 SOURCE = "small_sky_source_catalog"
 NPIX_DIR = "small_sky_source_npix_dir_catalog"
@@ -23,10 +24,16 @@ THRESHOLD = 10
 
 
 @pytest.fixture(scope="module")
-def served(catalogs, tmp_path_factory):
+def www(tmp_path_factory) -> Path:
+    """The directory the server serves (tests may add files to it)."""
+    return tmp_path_factory.mktemp("www")
+
+
+@pytest.fixture(scope="module")
+def served(catalogs, www):
     """Copies of the fixture catalogs (one with a partition file deleted, one directory-per-pixel
     catalog without _metadata) behind an HTTP server process; yields the base URL."""
-    root = tmp_path_factory.mktemp("www")
+    root = www
     for name in (SOURCE, NPIX_DIR):
         shutil.copytree(catalogs / name, root / name)
     shutil.copytree(catalogs / SOURCE, root / "broken")
@@ -116,3 +123,20 @@ def test_command_line_build_and_info_over_http(capsys, client, served, tmp_path)
     assert "rows:          17161" in out and "partitions:    14" in out
     code, _, err = run_cli(capsys, "info", f"{served}/nothing_here")
     assert code == 2 and "nothing_here is neither a HATS catalog" in err and "does not exist" in err
+
+
+@pytest.mark.parametrize("name", [SOURCE, NPIX_DIR])
+def test_verify_over_http_and_a_margin_file_that_is_404(capsys, client, served, www, name):
+    margin_dir = build(client, UPath(f"{served}/{name}"), www / f"margins_{name}")
+    margin, primary = UPath(f"{served}/margins_{name}/margin"), UPath(f"{served}/{name}")
+    report = verify_margin(margin, primary, client=client)
+    assert report.ok and report.rows_expected == report.rows_in_margin > 0, report.summary()
+    assert report.structural == []
+    code, out, err = run_cli(capsys, "verify", margin, "--primary", primary, "--scheduler", client.scheduler.address)
+    assert code == 0 and "result   OK" in out, out + err
+    lost = min((Path(margin_dir) / "dataset").rglob("Npix=*.parquet"))
+    lost.unlink()
+    report = verify_margin(margin, primary)
+    relative = lost.relative_to(margin_dir).as_posix()
+    assert not report.ok and report.missing > 0
+    assert any(f"{margin}/{relative}: not a readable parquet file" in s for s in report.structural), report.summary()
