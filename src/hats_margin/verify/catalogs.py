@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 
-import hats
 import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
@@ -135,6 +134,8 @@ class MarginCatalog:
             self.files.setdefault((order, pixel), []).append(dataset / relative)
 
     def _named_files(self):
+        import hats  # driver only: importing hats costs workers ~3 s
+
         try:
             pixels = hats.read_hats(self.path, read_moc=False).get_healpix_pixels()
         except Exception as exc:  # hats raises many types for broken catalogs
@@ -155,6 +156,8 @@ class PrimaryCatalog:
     """The primary catalog as hats sees it: partitions, negative tree, schema, columns."""
 
     def __init__(self, path: UPath):
+        import hats  # driver only: importing hats costs workers ~3 s
+
         try:
             catalog = hats.read_hats(path, read_moc=False)
         except Exception as exc:  # hats raises many types for broken catalogs

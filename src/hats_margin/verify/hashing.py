@@ -7,7 +7,6 @@ nested values; rows are matched by ``(pixel, spatial index, hash)``.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -46,6 +45,8 @@ def column_hash(column) -> np.ndarray:
     ):
         values = _bytes_hash(array)
     else:  # nested, decimal, ...: the exact python value (repr of floats round-trips)
+        import pandas as pd  # only for such columns: importing pandas costs workers ~0.5 s
+
         values = pd.util.hash_array(np.array([repr(v) for v in array.to_pylist()], dtype=object))
     values = _mix(values.astype(np.uint64, copy=False))
     if array.null_count:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import cdshealpix.nested as cds
 import numpy as np
-from hats.pixel_math.healpix_shim import order2mindist
 
 MAX_ORDER = 29
 CAP_SAFETY = 1.001
@@ -131,6 +130,8 @@ def angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def cell_order_for(threshold_arcsec: float) -> int | None:
     """The deepest order whose minimum cell width (hats ``order2mindist``) is >= the threshold,
     or None when even order-0 cells are narrower (then every destination is a candidate)."""
+    from hats.pixel_math.healpix_shim import order2mindist  # driver only (importing hats is slow)
+
     for order in range(MAX_ORDER, -1, -1):
         if float(order2mindist(order)) * 60.0 >= threshold_arcsec:
             return order
