@@ -140,3 +140,12 @@ def test_verify_over_http_and_a_margin_file_that_is_404(capsys, client, served, 
     relative = lost.relative_to(margin_dir).as_posix()
     assert not report.ok and report.missing > 0
     assert any(f"{margin}/{relative}: not a readable parquet file" in s for s in report.structural), report.summary()
+
+
+def test_verify_against_a_primary_missing_a_partition_over_http_names_it(client, catalogs, served, tmp_path):
+    margin = build(client, catalogs / SOURCE, tmp_path)
+    with pytest.raises(StageFailedError) as info:
+        verify_margin(margin, UPath(f"{served}/broken"), client=client)
+    assert f"primary partition file {served}/broken/{MISSING_FILE} does not exist" in str(info.value)
+    with pytest.raises(InputCatalogError, match=f"primary partition file {served}/broken/{MISSING_FILE} does not"):
+        verify_margin(margin, UPath(f"{served}/broken"))
