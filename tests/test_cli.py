@@ -234,8 +234,10 @@ def fake_verify(monkeypatch):
 
     module = types.ModuleType("hats_margin.verify")
 
-    def verify_margin(margin_path, primary_path):
+    def verify_margin(margin_path, primary_path, **options):
         calls.append((str(margin_path), str(primary_path)))
+        options.pop("client")
+        calls.append(options)
         return Report(ok="good" in str(margin_path))
 
     module.verify_margin = verify_margin
@@ -243,17 +245,32 @@ def fake_verify(monkeypatch):
     return calls
 
 
-def test_verify_prints_the_summary_and_exits_by_the_result(capsys, fake_verify):
-    code, out, _ = run(capsys, "verify", "good_margin", "--primary", "cat")
+DEFAULT_VERIFY_OPTIONS = {"threshold_arcsec": None, "exact": None, "max_examples": 20, "progress_bar": True}
+
+
+def test_verify_prints_the_summary_and_exits_by_the_result(capsys, fake_verify, scheduler):
+    code, out, _ = run(capsys, "verify", "good_margin", "--primary", "cat", "--scheduler", scheduler)
     assert code == 0 and out.strip() == "margin check: OK"
-    code, out, _ = run(capsys, "verify", "bad_margin", "--primary", "cat")
+    code, out, _ = run(capsys, "verify", "bad_margin", "--primary", "cat", "--scheduler", scheduler)
     assert code == 1 and "FAILED" in out
-    assert fake_verify == [("good_margin", "cat"), ("bad_margin", "cat")]
+    assert fake_verify[::2] == [("good_margin", "cat"), ("bad_margin", "cat")]
 
 
-def test_verify_primary_defaults_to_the_margins_own(capsys, fake_verify):
-    assert run(capsys, "verify", "good_margin")[0] == 0
-    assert fake_verify == [("good_margin", "None")]
+def test_verify_primary_defaults_to_the_margins_own(capsys, fake_verify, scheduler):
+    assert run(capsys, "verify", "good_margin", "--scheduler", scheduler)[0] == 0
+    assert fake_verify == [("good_margin", "None"), DEFAULT_VERIFY_OPTIONS]
+
+
+def test_verify_has_the_checkers_options(capsys, fake_verify, scheduler):
+    """One command line: threshold, exact/coarse and examples go through hats-margin verify."""
+    argv = ["verify", "good_margin", "--scheduler", scheduler, "--no-progress"]
+    assert run(capsys, *argv, "--threshold", "5", "--coarse", "--max-examples", "3")[0] == 0
+    assert run(capsys, *argv, "--exact")[0] == 0
+    assert fake_verify[1] == {"threshold_arcsec": 5.0, "exact": False, "max_examples": 3, "progress_bar": False}
+    assert fake_verify[3] == DEFAULT_VERIFY_OPTIONS | {"exact": True, "progress_bar": False}
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*argv, "--max-examples", "-1"])
+    assert stop.value.code == 2 and "--max-examples: expected a whole number >= 0, got '-1'" in capsys.readouterr().err
 
 
 def test_verify_with_the_real_checker(capsys, catalogs, tmp_path, scheduler):

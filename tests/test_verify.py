@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hats_margin import MarginCacheArguments, pipeline_with_client
+from hats_margin import MarginCacheArguments, cli, pipeline_with_client
 from hats_margin.pixel_distance import within_threshold_of_pixel
 from hats_margin.synthetic import THREE_PIXEL_VERTICES_DEG, spatial_index
-from hats_margin.verify import main, verify_margin
+from hats_margin.verify import verify_margin
 
 SOURCE = "small_sky_source_catalog"
 
@@ -265,7 +265,7 @@ def _primary_row_far_from(catalogs, order, pixel):
     return _read(_file(catalogs / SOURCE, far.order, far.pixel)).slice(0, 1)
 
 
-def test_a_deleted_row_is_missing(damaged):
+def test_a_deleted_row_is_missing(damaged, client):
     order, pixel, path = _largest_pixel(damaged)
     table = _read(path)
     pq.write_table(table.slice(1), path)
@@ -276,7 +276,7 @@ def test_a_deleted_row_is_missing(damaged):
     assert report.missing_examples[0]["spatial_index"] == table["_healpix_29"][0].as_py()
     assert 0 <= report.missing_examples[0]["distance_ratio"] <= 1
     assert any("hats_nrows" in s for s in report.structural)
-    assert main([str(damaged)]) == 1
+    assert cli.main(["verify", str(damaged), "--scheduler", client.scheduler.address]) == 1
 
 
 def test_an_added_far_row_is_extra(damaged, catalogs):
@@ -291,7 +291,7 @@ def test_an_added_far_row_is_extra(damaged, catalogs):
     assert verify_margin(damaged, exact=False).extra == 1
 
 
-def test_a_modified_value_is_altered(damaged):
+def test_a_modified_value_is_altered(damaged, client):
     order, pixel, path = _largest_pixel(damaged)
     table = _read(path)
     mag = table["mag"].to_numpy().copy()
@@ -303,10 +303,10 @@ def test_a_modified_value_is_altered(damaged):
     assert report.altered_examples[0]["differs"] == "mag"
     assert report.altered_examples[0]["pixel"] == f"{order}/{pixel}"
     assert not report.ok
-    assert main([str(damaged)]) == 1
+    assert cli.main(["verify", str(damaged), "--scheduler", client.scheduler.address]) == 1
 
 
-def test_a_duplicated_row_is_reported(damaged):
+def test_a_duplicated_row_is_reported(damaged, client):
     _, _, path = _largest_pixel(damaged)
     table = _read(path)
     pq.write_table(pa.concat_tables([table, table.slice(3, 1)]), path)
@@ -336,7 +336,7 @@ def test_a_pixel_that_is_not_a_partition_nor_negative_is_structural(damaged):
     assert not report.ok
 
 
-def test_wrong_hats_nrows_is_structural(damaged):
+def test_wrong_hats_nrows_is_structural(damaged, client):
     for name in ("hats.properties", "properties"):
         props = damaged / name
         lines = [
@@ -348,10 +348,10 @@ def test_wrong_hats_nrows_is_structural(damaged):
     assert report.missing == report.extra == report.altered == 0
     assert any("hats_nrows=12345" in s for s in report.structural)
     assert not report.ok
-    assert main([str(damaged)]) == 1
+    assert cli.main(["verify", str(damaged), "--scheduler", client.scheduler.address]) == 1
 
 
-def test_a_changed_column_type_is_structural_and_altered(damaged):
+def test_a_changed_column_type_is_structural_and_altered(damaged, client):
     order, pixel, path = _largest_pixel(damaged)
     table = _read(path)
     index = table.schema.get_field_index("mag")
@@ -370,6 +370,107 @@ def test_partition_info_that_differs_from_the_files_is_structural(damaged):
     assert any("not in partition_info.csv" in s for s in report.structural)
 
 
-def test_command_line_passes_a_clean_margin(margins, catalogs, capsys):
-    assert main([str(margins["exact_180"]), "--primary", str(catalogs / SOURCE)]) == 0
+def test_command_line_passes_a_clean_margin(margins, catalogs, capsys, client):
+    assert cli.main(["verify", str(margins["exact_180"]), "--primary", str(catalogs / SOURCE),
+                     "--scheduler", client.scheduler.address]) == 0
     assert "result   OK" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------ wrong primary (issue 10)
+def test_a_margin_of_another_primary_stops_with_one_message(margins, catalogs, client, capsys):
+    other = catalogs / "small_sky_object_catalog"
+    report = verify_margin(margins["exact_180"], other)
+    assert len(report.structural) == 1, report.summary()
+    message = report.structural[0]
+    assert "records another primary" in message and "small_sky_source_catalog" in message
+    assert "its schema is not the primary's" in message and "small_sky_object_catalog" in message
+    assert report.rows_expected == report.primary_rows_read == 0 and not report.ok
+    code = cli.main(["verify", str(margins["exact_180"]), "--primary", str(other), "--scheduler",
+                     client.scheduler.address])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert [line for line in out.splitlines() if line.startswith("structural:")] == [f"structural: {message}"]
+
+
+def test_the_primary_named_in_the_margin_is_accepted_under_another_directory_name(margins, catalogs, tmp_path):
+    """The link is the catalog's name: a copy of the primary in a directory of another name passes."""
+    copy = tmp_path / "renamed_copy"
+    shutil.copytree(catalogs / SOURCE, copy)
+    report = verify_margin(margins["exact_10"], copy)
+    _assert_clean(report)
+    assert report.rows_expected > 0
+
+
+# ------------------------------------------------------------------------ Dask, cost (issue 11)
+def test_batches_on_dask_give_the_same_report_as_in_process(margins, client):
+    alone = verify_margin(margins["coarse_180"])
+    on_dask = verify_margin(margins["coarse_180"], client=client, max_rows_in_memory=50)
+    assert on_dask.per_pixel == alone.per_pixel and on_dask.per_pixel
+    for name in ("rows_in_margin", "rows_expected", "primary_rows_read", "missing", "extra", "altered",
+                 "duplicates", "extra_histogram", "structural", "max_extra_distance_ratio"):
+        assert getattr(on_dask, name) == getattr(alone, name), name
+
+
+def test_batches_are_cut_for_the_workers_and_the_memory_budget():
+    from hats_margin.verify.checker import cut_batches
+
+    rows = {0: 10, 5: 300, 9: 10}
+    for threads, budget in ((1, 10**9), (4, 10**9), (1, 100)):
+        batches = list(cut_batches(12, rows, budget, threads))
+        assert np.concatenate(batches).tolist() == list(range(12))
+        assert len(batches) == {(1, 10**9): 1, (4, 10**9): 6, (1, 100): 3}[(threads, budget)]
+
+
+def test_verify_does_not_compile_hats_negative_tree(margins, monkeypatch):
+    """hats' numba negative tree costs 6-15 s per process; the verifier computes its own."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("hats' negative tree was called")
+
+    monkeypatch.setattr(hats.catalog.Catalog, "generate_negative_tree_pixels", refuse)
+    monkeypatch.setattr(hats.pixel_tree.negative_tree, "compute_negative_tree_pixels", refuse)
+    _assert_clean(verify_margin(margins["exact_10"]))
+
+
+def _random_disjoint_pixels(rng, n=150, max_order=8):
+    pixels, ranges = [], []
+    for _ in range(n):
+        order = int(rng.integers(0, max_order + 1))
+        pixel = int(rng.integers(0, 12 * 4**order))
+        lo, hi = pixel << (2 * (29 - order)), (pixel + 1) << (2 * (29 - order))
+        if all(hi <= a or lo >= b for a, b in ranges):
+            ranges.append((lo, hi))
+            pixels.append((order, pixel))
+    return pixels
+
+
+def test_the_verifiers_negative_tree_is_the_maximal_complement():
+    from hats_margin.verify.tiles import Tiles, negative_tree
+
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        pixels = _random_disjoint_pixels(rng)
+        negative = negative_tree(pixels)
+        assert Tiles(pixels + negative).check_cover() is None  # disjoint, and the whole sky
+        taken = {(o, p) for o, p in pixels}
+        for order, pixel in negative:  # maximal: the parent would overlap a partition
+            assert order == 0 or any(
+                (o >= order - 1 and p >> (2 * (o - order + 1)) == pixel >> 2) for o, p in taken
+            ), (order, pixel)
+    assert negative_tree([]) == [(0, p) for p in range(12)]
+    assert negative_tree([(0, p) for p in range(12)]) == []
+
+
+@pytest.mark.slow
+def test_the_verifiers_negative_tree_equals_hats():
+    from hats.pixel_math import HealpixPixel
+    from hats.pixel_tree.negative_tree import compute_negative_tree_pixels
+    from hats.pixel_tree.pixel_tree import PixelTree
+
+    from hats_margin.verify.tiles import negative_tree
+
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        pixels = _random_disjoint_pixels(rng)
+        tree = PixelTree.from_healpix([HealpixPixel(o, p) for o, p in pixels])
+        expected = sorted((p.order, p.pixel) for p in compute_negative_tree_pixels(tree))
+        assert sorted(negative_tree(pixels)) == expected

@@ -46,6 +46,7 @@ VERIFY_EXAMPLES = """\
 examples:
   hats-margin verify margins/gaia_10arcs --primary gaia/
   hats-margin verify margins/gaia_10arcs        # primary from the margin's hats_primary_table_url
+  hats-margin verify margins/gaia_10arcs --workers 4 --threshold 5 --coarse
 """
 
 DEMO_EXAMPLES = """\
@@ -180,8 +181,19 @@ def _verify(opts) -> int:
         from hats_margin.verify import verify_margin
     except ImportError as exc:
         raise HatsMarginError(f"verify is not available in this installation: {exc}") from exc
+    from hats_margin.runner import dask_client
+
     storage = parse_storage_options(opts.storage_option)
-    report = verify_margin(to_path(opts.margin, storage), to_path(opts.primary, storage))  # primary None: the margin's
+    with dask_client(opts.scheduler, opts.workers or 1, opts.threads or 1) as client:
+        report = verify_margin(
+            to_path(opts.margin, storage),
+            to_path(opts.primary, storage),  # None: the margin's hats_primary_table_url
+            threshold_arcsec=opts.threshold,
+            exact=opts.exact,
+            max_examples=opts.max_examples,
+            client=client,
+            progress_bar=not opts.no_progress,
+        )
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -212,6 +224,16 @@ def _demo(opts) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def _add_common(parser: argparse.ArgumentParser):
     parser.add_argument("--verbose", "-v", action="store_true", help="INFO logging, and tracebacks on errors")
 
@@ -294,6 +316,19 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--primary", metavar="CATALOG", help="the primary catalog (default: the margin's hats_primary_table_url)"
     )
+    verify.add_argument(
+        "--threshold", type=float, metavar="ARCSEC", help="check at this threshold (default: the margin's)"
+    )
+    mode = verify.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--exact", dest="exact", action="store_true", default=None,
+        help="extra rows fail (default: when the margin says it is exact)",
+    )
+    mode.add_argument("--coarse", dest="exact", action="store_false", help="extra rows are allowed")
+    verify.add_argument(
+        "--max-examples", type=_non_negative_int, default=20, metavar="N", help="examples shown per kind of problem (20)"
+    )
+    _add_runtime(verify)
     _add_storage(verify)
     _add_common(verify)
     verify.set_defaults(func=_verify)

@@ -54,10 +54,11 @@ def primary_path(path) -> UPath:
     primary = CatalogCollection.resolve_inner_path(
         path, properties.hats_primary_table_url, storage_options=dict(path.storage_options)
     )
-    if not primary.exists():
+    # a properties file, not the directory: stores without listing (HTTP) cannot stat directories
+    if not any((primary / name).exists() for name in ("hats.properties", "properties")):
         raise InputCatalogError(
             f"the collection {path} names its primary catalog {properties.hats_primary_table_url!r} "
-            f"(hats_primary_table_url), but {primary} does not exist"
+            f"(hats_primary_table_url), but {primary} does not exist (no hats.properties there)"
         )
     logger.info("input %s is a HATS collection; building the margin of its primary %s", path, primary)
     return primary

@@ -13,7 +13,7 @@ from hats.catalog import TableProperties
 
 from hats_margin import collection
 from hats_margin.errors import InputCatalogError
-from hats_margin.io import as_upath
+from hats_margin.io import as_upath, lists_partitions
 
 _WIDTH = 14
 
@@ -31,7 +31,7 @@ def describe_path(path) -> str:
     """Type, name, rows, partitions, and for margins the threshold and primary, of a catalog or
     collection."""
     path = as_upath(path)
-    if not path.exists():
+    if lists_partitions(path) and not path.exists():  # stores without listing (HTTP) cannot stat directories
         raise FileNotFoundError(f"{path} does not exist")
     if collection.is_collection(path):
         props = collection.read_properties(path)
@@ -50,7 +50,7 @@ def describe_path(path) -> str:
     except FileNotFoundError as exc:
         raise InputCatalogError(
             f"{path} is neither a HATS catalog nor a collection (no hats.properties, properties or "
-            "collection.properties)"
+            "collection.properties)" + ("" if lists_partitions(path) else ", or it does not exist")
         ) from exc
     pixels = [(p.order, p.pixel) for p in hats.read_hats(path, read_moc=False).get_healpix_pixels()]
     extra = props.extra_dict(by_alias=True)

@@ -63,14 +63,78 @@ def output_file(catalog: UPath, order: int, pixel: int, npix_suffix: str, npix_p
     return leaf
 
 
+def lists_partitions(path: UPath) -> bool:
+    """Whether the partition files of a catalog at ``path`` are found by listing directories.
+
+    Only on local disks: HTTP(S) servers cannot list, and object stores list slowly and at a
+    cost. Elsewhere the partitions come from the catalog's partition_info.csv / _metadata
+    (as hats reads them) and a listed partition that is missing is reported by its read."""
+    return is_local(path)
+
+
 def leaf_files(leaf: UPath, npix_suffix: str) -> list[UPath]:
-    """The parquet files of one partition: the leaf itself, or the visible files of its directory."""
+    """The parquet files of one partition: the leaf itself, or the files of its directory.
+
+    A directory leaf (``npix_suffix='/'``) is listed on local disks; elsewhere its files are the
+    ones ``dataset/_metadata`` names (a store that cannot list has no other way to know them),
+    and only without _metadata is the directory listed."""
     if npix_suffix not in ("/", "\\"):
         return [leaf]
-    names = sorted(p for p in leaf.iterdir() if not p.name.startswith(("_", ".")) and p.is_file())
+    if not lists_partitions(leaf):
+        named = _files_named_in_metadata(leaf)
+        if named is not None:
+            if not named:
+                raise InputCatalogError(f"dataset/_metadata names no file in the partition directory {leaf}")
+            return named
+    try:
+        names = sorted(p for p in leaf.iterdir() if not p.name.startswith(("_", ".")) and p.is_file())
+    except (OSError, NotImplementedError) as exc:
+        if lists_partitions(leaf):
+            raise InputCatalogError(f"partition directory {leaf} cannot be read: {exc}") from exc
+        raise InputCatalogError(
+            f"partition directory {leaf} cannot be listed on this store ({leaf.protocol}://) and the catalog "
+            "has no dataset/_metadata naming its files: a catalog with npix_suffix='/' served without "
+            "directory listing needs dataset/_metadata (hats writes it)"
+        ) from exc
     if not names:
         raise InputCatalogError(f"partition directory {leaf} holds no parquet file")
     return names
+
+
+_METADATA_FILES: dict[str, dict[str, list[str]] | None] = {}
+
+
+def _files_named_in_metadata(leaf: UPath) -> list[UPath] | None:
+    """The files of a directory leaf that dataset/_metadata names (None: no _metadata).
+
+    The _metadata footer is read once per process and catalog (map tasks of a worker share it)."""
+    dataset = leaf.parent.parent.parent
+    pointer = dataset / "_metadata"
+    key = str(pointer)
+    if key not in _METADATA_FILES:
+        location, fs = arrow_location(pointer)
+        try:
+            meta = pq.read_metadata(location, filesystem=fs)
+        except FileNotFoundError:
+            by_leaf = None
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise InputCatalogError(f"cannot read {pointer}, which names the partition files: {exc}") from exc
+        else:
+            by_leaf = {}
+            for i in range(meta.num_row_groups):
+                group = meta.row_group(i)
+                relative = group.column(0).file_path if group.num_columns else ""
+                directory, _, name = relative.rpartition("/")
+                if name and name not in by_leaf.get(directory, []):
+                    by_leaf.setdefault(directory, []).append(name)
+        if len(_METADATA_FILES) > 16:
+            _METADATA_FILES.clear()
+        _METADATA_FILES[key] = by_leaf
+    by_leaf = _METADATA_FILES[key]
+    if by_leaf is None:
+        return None
+    relative = f"{leaf.parent.parent.name}/{leaf.parent.name}/{leaf.name}"
+    return [leaf / name for name in sorted(by_leaf.get(relative, []))]
 
 
 def list_leaves(catalog: UPath) -> set[tuple[int, int]]:

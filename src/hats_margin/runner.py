@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
-from distributed import Client, as_completed
+from distributed import Client, LocalCluster, as_completed
 from tqdm.auto import tqdm
 
 from hats_margin.errors import StageFailedError
@@ -79,6 +79,24 @@ def run_stage(
     if failures:
         raise StageFailedError(stage.lower(), failures, resume_hint)
     return results
+
+
+@contextmanager
+def dask_client(scheduler: str | None, n_workers: int = 1, threads_per_worker: int = 1, local_directory=None):
+    """A client of the running scheduler at ``scheduler``, else of a local cluster of
+    ``n_workers`` processes with ``threads_per_worker`` threads (closed on exit)."""
+    if scheduler is not None:
+        with Client(scheduler) as client:
+            yield client
+        return
+    with LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        local_directory=None if local_directory is None else str(local_directory),
+        dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": ":0"},
+    ) as cluster, Client(cluster) as client:
+        yield client
 
 
 def batch_size(n_tasks: int, threads: int) -> int:

@@ -21,7 +21,16 @@ from upath import UPath
 from hats_margin import collection, geometry
 from hats_margin.arguments import MarginCacheArguments
 from hats_margin.errors import ArgumentError, InputCatalogError
-from hats_margin.io import TempLayout, as_upath, is_local, leaf_path, list_leaves, read_input_schema
+from hats_margin.io import (
+    TempLayout,
+    as_upath,
+    is_local,
+    leaf_files,
+    leaf_path,
+    list_leaves,
+    lists_partitions,
+    read_input_schema,
+)
 from hats_margin.resume import digest
 from hats_margin.stages.mapping import MapTask
 
@@ -78,9 +87,10 @@ def make_plan(args: MarginCacheArguments) -> Plan:
 def open_input(path) -> InputCatalog:
     """The primary catalog at ``path`` (for a HATS collection, the collection's primary)."""
     path = as_upath(path)
-    if not path.exists():
+    listable = lists_partitions(path)  # else (HTTP, object stores) nothing is listed or stat'ed as a directory
+    if listable and not path.exists():
         raise InputCatalogError(f"input_catalog_path {path} does not exist")
-    if not path.is_dir():
+    if listable and not path.is_dir():
         raise InputCatalogError(
             f"input_catalog_path {path} is not a directory: give the directory of a HATS catalog "
             "(the one holding hats.properties)"
@@ -91,6 +101,7 @@ def open_input(path) -> InputCatalog:
     except FileNotFoundError as exc:
         raise InputCatalogError(
             f"input_catalog_path {path} is not a HATS catalog: it has no hats.properties (or properties) file"
+            + ("" if listable else " (or it does not exist)")
         ) from exc
     except ValueError as exc:
         raise InputCatalogError(f"the properties file of {path} is invalid: {exc}") from exc
@@ -122,8 +133,11 @@ def open_input(path) -> InputCatalog:
     neg_orders, neg_pixels = geometry.negative_tree([o for o, _ in partitions], [p for _, p in partitions])
     negative = tuple(zip(neg_orders.tolist(), neg_pixels.tolist()))
     suffix = properties.npix_suffix or ".parquet"
-    present = list_leaves(path)
-    missing = sorted(set(partitions) - present)
+    # local disks: one listing finds every missing partition before any work; elsewhere the
+    # partition info is trusted and a missing file fails its map task, naming its path
+    missing = sorted(set(partitions) - list_leaves(path)) if listable else []
+    if not listable and suffix in ("/", "\\") and partitions:
+        leaf_files(leaf_path(path, *partitions[0], suffix), suffix)  # no _metadata and no listing: say so now
     if missing:
         shown = ", ".join(str(leaf_path(path, o, p, suffix)) for o, p in missing[:5])
         raise InputCatalogError(
