@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import logging
 
 import hats
 import lsdb
 import pandas as pd
 import pytest
+from PIL import Image
 from upath import UPath
 
 from hats_margin import MarginCacheArguments, cli, pipeline_with_client
@@ -104,7 +106,12 @@ def test_cli_storage_options_with_intermediate_files_on_s3(capsys, client, s3, l
     assert f"s3://{BUCKET}/cli/{CATALOG}_10arcs" in out
     remote = s3_path(s3, f"cli/{CATALOG}_10arcs")
     assert_same_margin(remote, local_margin)
-    assert (remote / "margin_sky_map.png").read_bytes().startswith(b"\x89PNG")
+    # the sky map on S3 is a complete image (decodes to the last row) that shows something
+    with Image.open(io.BytesIO((remote / "margin_sky_map.png").read_bytes())) as image:
+        image.load()
+        assert image.format == "PNG" and min(image.size) >= 100
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 24)
+    assert len(colours) > 2, "a blank image"
     assert not (remote / "intermediate").exists()
 
     assert cli.main(["info", str(remote), *options]) == 0
