@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hats.catalog import TableProperties
 from hats.io.validation import is_valid_catalog
 
 from hats_margin import (
@@ -29,7 +30,7 @@ from hats_margin import (
     StageFailedError,
     pipeline_with_client,
 )
-from helpers import tree_checksum
+from helpers import rows_per_pixel, tree_checksum
 
 SOURCE = "small_sky_source_catalog"
 PARTITION = Path("dataset", "Norder=2", "Dir=0", "Npix=176.parquet")
@@ -109,19 +110,15 @@ def test_input_not_a_hats_catalog(client, tmp_path, out):
     assert_nothing_written(out)
 
 
-def test_input_is_a_collection(client, copy_catalog, tmp_path):
-    """A collection either works (the margin of its primary is built) or the error names the primary."""
+def test_input_is_a_collection(client, copy_catalog, reference_margins, tmp_path):
+    """A collection is not bad input: the margin of its primary is built (here the same rows as
+    hats-import's coarse 3600 arcsec margin of small_sky_order1)."""
     collection = copy_catalog("small_sky_order1_collection")
     out = tmp_path / "out"
-    args = make_args(collection, out)
-    try:
-        result = pipeline_with_client(args, client)
-    except InputCatalogError as exc:
-        assert "small_sky_order1" in str(exc) and "collection" in str(exc)
-        assert_nothing_written(out)
-        return
-    assert result.total_rows > 0
+    result = pipeline_with_client(make_args(collection, out), client)
     assert is_valid_catalog(result.catalog_path, strict=True)
+    assert rows_per_pixel(result.catalog_path) == rows_per_pixel(reference_margins / "small_sky_order1_3600arcs")
+    assert Path(TableProperties.read_from_dir(result.catalog_path).primary_catalog) == collection / "small_sky_order1"
 
 
 @pytest.mark.parametrize("inner", ["small_sky_order1_margin_1deg", "small_sky_order1_id_index"])
