@@ -122,13 +122,20 @@ def test_build_with_default_name(capsys, catalogs, tmp_path, scheduler):
     assert len(hats.read_hats(margin).get_healpix_pixels()) > 0
 
 
-def test_build_options_reach_the_arguments(capsys, catalogs, tmp_path, scheduler):
+def test_build_options_reach_the_arguments(capsys, catalogs, tmp_path, scheduler, monkeypatch):
+    received = []
+    real_run = cli._run
+    monkeypatch.setattr(cli, "_run", lambda args, sched: received.append(args) or real_run(args, sched))
     code, _, err = run(
         capsys, "build", catalogs / "small_sky_source_catalog", tmp_path, "--threshold", "60",
         "--name", "coarse_one", "--order", "9", "--coarse", "--tmp-dir", tmp_path / "scratch",
         "--scheduler", scheduler, "--no-progress", "--no-resume",
     )
     assert code == 0, err
+    [args] = received  # options whose effect the output cannot show (tmp dir, resume, progress)
+    assert (args.output_artifact_name, args.margin_threshold, args.margin_order) == ("coarse_one", 60.0, 9)
+    assert (args.fine_filtering, args.resume, args.progress_bar) == (False, False, False)
+    assert str(args.tmp_dir) == str(tmp_path / "scratch")
     extra = TableProperties.read_from_dir(tmp_path / "coarse_one").extra_dict(by_alias=True)
     assert extra["hats_margin_order"] == "9" or extra["hats_margin_order"] == 9
     assert str(extra["hats_margin_fine_filtering"]).lower() == "false"
