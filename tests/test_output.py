@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hats
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 from distributed import Client, LocalCluster
@@ -175,9 +176,17 @@ def test_two_worker_processes_give_the_same_output(client, catalogs, tmp_path):
 
 
 def test_pipeline_owns_its_client(catalogs, tmp_path):
+    """pipeline() starts a local cluster from the dask_* arguments and shuts it down."""
     args = MarginCacheArguments(
         input_catalog_path=catalogs / SOURCE, output_path=tmp_path, output_artifact_name="own",
         margin_threshold=180.0, progress_bar=False, dask_n_workers=1, dask_tmp=tmp_path / "dask",
     )
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
     result = pipeline(args)
     assert result.total_rows > 0 and is_valid_catalog(tmp_path / "own", strict=True)
+    assert (tmp_path / "dask" / "dask-scratch-space").is_dir(), "the workers' local directory is dask_tmp"
+    # the worker processes are gone (multiprocessing's resource tracker lives as long as we do)
+    left = [p for p in me.children(recursive=True) if p.pid not in before and p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
+    assert not left, [p.cmdline() for p in left]
