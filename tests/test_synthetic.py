@@ -192,7 +192,7 @@ def test_points_table():
     assert table["id"].to_pylist() == [0, 1]
     assert table.schema.field("mag").type == pa.float32()
     assert points_table([1.0], [2.0], id=[7])["id"].to_pylist() == [7]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"ra and dec must be 1-d and of the same length, got \(2,\) and \(1,\)"):
         points_table([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="mag"):
         points_table([1.0, 2.0], [1.0, 2.0], mag=[1.0])
