@@ -121,11 +121,12 @@ def test_input_is_a_collection(client, copy_catalog, reference_margins, tmp_path
     assert Path(TableProperties.read_from_dir(result.catalog_path).primary_catalog) == collection / "small_sky_order1"
 
 
-@pytest.mark.parametrize("inner", ["small_sky_order1_margin_1deg", "small_sky_order1_id_index"])
-def test_input_is_a_margin_or_index(client, copy_catalog, out, inner):
+@pytest.mark.parametrize(("inner", "kind"), [("small_sky_order1_margin_1deg", "margin"),
+                                             ("small_sky_order1_id_index", "index")])
+def test_input_is_a_margin_or_index(client, copy_catalog, out, inner, kind):
     collection = copy_catalog("small_sky_order1_collection")
     run_expecting(
-        client, InputCatalogError, r"'(margin|index)' catalog; only object and source catalogs take margins",
+        client, InputCatalogError, rf"{inner} is a '{kind}' catalog; only object and source catalogs take margins",
         collection / inner, out,
     )
     assert_nothing_written(out)
