@@ -12,6 +12,7 @@ from hats.catalog import TableProperties
 from hats.io.validation import is_valid_catalog
 
 from hats_margin import MarginCacheArguments, pipeline, pipeline_with_client
+from hats_margin.stages import reducing
 from helpers import pixel_files, rows_per_pixel
 
 SOURCE = "small_sky_source_catalog"
@@ -136,12 +137,26 @@ def test_default_compression_is_zstd(client, catalogs, tmp_path):
     assert pq.ParquetFile(file).metadata.row_group(0).column(0).compression == "ZSTD"
 
 
-def test_tmp_dir_holds_intermediates_and_is_cleaned(client, catalogs, tmp_path):
+def test_tmp_dir_holds_intermediates_and_is_cleaned(client, catalogs, tmp_path, monkeypatch):
     tmp = tmp_path / "scratch"
     tmp.mkdir()
     (tmp / "keep.txt").write_text("user file")
+    # while reducing, the shards are under tmp_dir, not under the catalog (a tmp_dir that is
+    # ignored also ends clean); Dask pickles the spy, so it reports through a file
+    seen = tmp_path / "seen.txt"
+    real = reducing.reduce_pixel
+
+    def spy(task):
+        in_tmp = sum(1 for _ in (tmp / "margin" / "intermediate").rglob("*.arrow"))
+        with open(seen, "a") as handle:
+            handle.write(f"{in_tmp} {(tmp_path / 'out' / 'margin' / 'intermediate').exists()}\n")
+        return real(task)
+
+    monkeypatch.setattr(reducing, "reduce_pixel", spy)
     _, path = build(client, catalogs, tmp_path / "out", tmp_dir=tmp)
     assert is_valid_catalog(path, strict=True)
+    observed = [line.split() for line in seen.read_text().splitlines()]
+    assert observed and all(int(shards) > 0 and inside == "False" for shards, inside in observed), observed
     assert sorted(p.name for p in tmp.iterdir()) == ["keep.txt"]
 
 
