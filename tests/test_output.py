@@ -7,7 +7,7 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 from hats.catalog import TableProperties
 from hats.io.validation import is_valid_catalog
 
@@ -185,8 +185,10 @@ def test_two_worker_processes_give_the_same_output(client, catalogs, tmp_path):
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
         Client(cluster) as two_workers,
+        get_task_stream(two_workers) as stream,
     ):
         _, two = build(two_workers, catalogs, tmp_path, name="two", margin_threshold=600.0)
+    assert len({task["worker"] for task in stream.data}) == 2, "both worker processes take tasks"
     assert rows_per_pixel(one) == rows_per_pixel(two)
 
 
