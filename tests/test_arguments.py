@@ -89,8 +89,11 @@ def test_invalid_values_name_the_argument(tmp_path, kwargs, message):
 
 
 def test_argument_errors_are_value_errors(tmp_path):
-    with pytest.raises(ValueError):
+    """Callers may catch the builtin; what they catch is still our ArgumentError with our message
+    (not a ValueError from a computation on the bad value)."""
+    with pytest.raises(ValueError, match=r"margin_threshold must be a finite number of arcseconds > 0, got -1\.0") as info:
         make(tmp_path, margin_threshold=-1)
+    assert type(info.value) is ArgumentError
 
 
 def test_threshold_derives_order_and_keeps_user_value(tmp_path):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hats.catalog import TableProperties
 from hats.io.validation import is_valid_catalog
 
 from hats_margin import (
@@ -29,7 +30,7 @@ from hats_margin import (
     StageFailedError,
     pipeline_with_client,
 )
-from helpers import tree_checksum
+from helpers import rows_per_pixel, tree_checksum
 
 SOURCE = "small_sky_source_catalog"
 PARTITION = Path("dataset", "Norder=2", "Dir=0", "Npix=176.parquet")
@@ -109,26 +110,23 @@ def test_input_not_a_hats_catalog(client, tmp_path, out):
     assert_nothing_written(out)
 
 
-def test_input_is_a_collection(client, copy_catalog, tmp_path):
-    """A collection either works (the margin of its primary is built) or the error names the primary."""
+def test_input_is_a_collection(client, copy_catalog, reference_margins, tmp_path):
+    """A collection is not bad input: the margin of its primary is built (here the same rows as
+    hats-import's coarse 3600 arcsec margin of small_sky_order1)."""
     collection = copy_catalog("small_sky_order1_collection")
     out = tmp_path / "out"
-    args = make_args(collection, out)
-    try:
-        result = pipeline_with_client(args, client)
-    except InputCatalogError as exc:
-        assert "small_sky_order1" in str(exc) and "collection" in str(exc)
-        assert_nothing_written(out)
-        return
-    assert result.total_rows > 0
+    result = pipeline_with_client(make_args(collection, out), client)
     assert is_valid_catalog(result.catalog_path, strict=True)
+    assert rows_per_pixel(result.catalog_path) == rows_per_pixel(reference_margins / "small_sky_order1_3600arcs")
+    assert Path(TableProperties.read_from_dir(result.catalog_path).primary_catalog) == collection / "small_sky_order1"
 
 
-@pytest.mark.parametrize("inner", ["small_sky_order1_margin_1deg", "small_sky_order1_id_index"])
-def test_input_is_a_margin_or_index(client, copy_catalog, out, inner):
+@pytest.mark.parametrize(("inner", "kind"), [("small_sky_order1_margin_1deg", "margin"),
+                                             ("small_sky_order1_id_index", "index")])
+def test_input_is_a_margin_or_index(client, copy_catalog, out, inner, kind):
     collection = copy_catalog("small_sky_order1_collection")
     run_expecting(
-        client, InputCatalogError, r"'(margin|index)' catalog; only object and source catalogs take margins",
+        client, InputCatalogError, rf"{inner} is a '{kind}' catalog; only object and source catalogs take margins",
         collection / inner, out,
     )
     assert_nothing_written(out)
@@ -185,7 +183,9 @@ def test_corrupt_parquet_file_is_named(client, source, out, damage):
     path = source / PARTITION
     data = path.read_bytes()
     path.write_bytes(b"this is not parquet" * 10 if damage == "garbage" else data[: len(data) // 2])
-    error = run_expecting(client, StageFailedError, r"2_176.*Npix=176\.parquet.*(not a readable parquet|corrupt)",
+    # both damages destroy the footer: the file cannot be opened (not merely a corrupt row group)
+    error = run_expecting(client, StageFailedError,
+                          r"2_176: InputCatalogError: partition file \S*Npix=176\.parquet is not a readable parquet file",
                           source, out)
     assert_failed_without_catalog(error, out, "2_176")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 import subprocess
 import sys
 import types
@@ -9,6 +11,7 @@ import types
 import hats
 import pytest
 from hats.catalog import TableProperties
+from hats.catalog.dataset.collection_properties import CollectionProperties
 
 from hats_margin import cli
 
@@ -84,15 +87,24 @@ def test_every_command_has_help_with_examples(capsys, command):
         cli.main([command, "--help"])
     assert stop.value.code == 0
     out = capsys.readouterr().out
-    assert "examples:" in out and f"hats-margin {command}" in out
+    assert "examples:" in out
+    # the usage line always reads "hats-margin <command>": look at the examples section only,
+    # and check that every example is this command and is accepted by the parser as written
+    text = out.split("examples:", 1)[1].replace("\\\n", " ")
+    examples = [shlex.split(line, comments=True) for line in text.splitlines() if line.strip()]
+    assert len(examples) >= 2
+    for argv in examples:
+        assert argv[:2] == ["hats-margin", command], argv
+        assert cli.build_parser().parse_args(argv[1:]).command == command
 
 
 def test_top_level_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    for command in ("build", "info", "verify", "demo"):
-        assert command in out
+    # the description also says "verify": look for each command's own line in the command list
+    listed = re.findall(r"^    (\w+)(?:\s|$)", out, flags=re.MULTILINE)
+    assert listed == ["build", "info", "verify", "demo"]
 
 
 # ----------------------------------------------------------------------------- build
@@ -110,13 +122,20 @@ def test_build_with_default_name(capsys, catalogs, tmp_path, scheduler):
     assert len(hats.read_hats(margin).get_healpix_pixels()) > 0
 
 
-def test_build_options_reach_the_arguments(capsys, catalogs, tmp_path, scheduler):
+def test_build_options_reach_the_arguments(capsys, catalogs, tmp_path, scheduler, monkeypatch):
+    received = []
+    real_run = cli._run
+    monkeypatch.setattr(cli, "_run", lambda args, sched: received.append(args) or real_run(args, sched))
     code, _, err = run(
         capsys, "build", catalogs / "small_sky_source_catalog", tmp_path, "--threshold", "60",
         "--name", "coarse_one", "--order", "9", "--coarse", "--tmp-dir", tmp_path / "scratch",
         "--scheduler", scheduler, "--no-progress", "--no-resume",
     )
     assert code == 0, err
+    [args] = received  # options whose effect the output cannot show (tmp dir, resume, progress)
+    assert (args.output_artifact_name, args.margin_threshold, args.margin_order) == ("coarse_one", 60.0, 9)
+    assert (args.fine_filtering, args.resume, args.progress_bar) == (False, False, False)
+    assert str(args.tmp_dir) == str(tmp_path / "scratch")
     extra = TableProperties.read_from_dir(tmp_path / "coarse_one").extra_dict(by_alias=True)
     assert extra["hats_margin_order"] == "9" or extra["hats_margin_order"] == 9
     assert str(extra["hats_margin_fine_filtering"]).lower() == "false"
@@ -210,8 +229,13 @@ def test_info_of_a_margin(capsys, catalogs, tmp_path, scheduler):
 def test_info_of_a_collection(capsys, catalogs):
     code, out, _ = run(capsys, "info", catalogs / "small_sky_order1_collection")
     assert code == 0
-    assert "type:          collection" in out and "primary:       small_sky_order1" in out
-    assert "default margin: small_sky_order1_margin_1deg" in out or "small_sky_order1_margin_1deg" in out
+    lines = out.splitlines()
+    assert "type:          collection" in lines and "primary:       small_sky_order1" in lines
+    # the collection holds two margins; info must name the one collection.properties makes the default
+    props = CollectionProperties.read_from_dir(catalogs / "small_sky_order1_collection")
+    assert props.default_margin == "small_sky_order1_margin_1deg" and len(props.all_margins) == 2
+    assert f"default margin: {props.default_margin}" in lines
+    assert f"margins:       {' '.join(props.all_margins)}" in lines
 
 
 def test_info_of_something_else_is_an_error(capsys, tmp_path):

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hats
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 from hats.catalog import TableProperties
 from hats.io.validation import is_valid_catalog
 
 from hats_margin import MarginCacheArguments, pipeline, pipeline_with_client
+from hats_margin.stages import reducing
 from helpers import pixel_files, rows_per_pixel
 
 SOURCE = "small_sky_source_catalog"
@@ -135,12 +137,26 @@ def test_default_compression_is_zstd(client, catalogs, tmp_path):
     assert pq.ParquetFile(file).metadata.row_group(0).column(0).compression == "ZSTD"
 
 
-def test_tmp_dir_holds_intermediates_and_is_cleaned(client, catalogs, tmp_path):
+def test_tmp_dir_holds_intermediates_and_is_cleaned(client, catalogs, tmp_path, monkeypatch):
     tmp = tmp_path / "scratch"
     tmp.mkdir()
     (tmp / "keep.txt").write_text("user file")
+    # while reducing, the shards are under tmp_dir, not under the catalog (a tmp_dir that is
+    # ignored also ends clean); Dask pickles the spy, so it reports through a file
+    seen = tmp_path / "seen.txt"
+    real = reducing.reduce_pixel
+
+    def spy(task):
+        in_tmp = sum(1 for _ in (tmp / "margin" / "intermediate").rglob("*.arrow"))
+        with open(seen, "a") as handle:
+            handle.write(f"{in_tmp} {(tmp_path / 'out' / 'margin' / 'intermediate').exists()}\n")
+        return real(task)
+
+    monkeypatch.setattr(reducing, "reduce_pixel", spy)
     _, path = build(client, catalogs, tmp_path / "out", tmp_dir=tmp)
     assert is_valid_catalog(path, strict=True)
+    observed = [line.split() for line in seen.read_text().splitlines()]
+    assert observed and all(int(shards) > 0 and inside == "False" for shards, inside in observed), observed
     assert sorted(p.name for p in tmp.iterdir()) == ["keep.txt"]
 
 
@@ -169,15 +185,25 @@ def test_two_worker_processes_give_the_same_output(client, catalogs, tmp_path):
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
         Client(cluster) as two_workers,
+        get_task_stream(two_workers) as stream,
     ):
         _, two = build(two_workers, catalogs, tmp_path, name="two", margin_threshold=600.0)
+    assert len({task["worker"] for task in stream.data}) == 2, "both worker processes take tasks"
     assert rows_per_pixel(one) == rows_per_pixel(two)
 
 
 def test_pipeline_owns_its_client(catalogs, tmp_path):
+    """pipeline() starts a local cluster from the dask_* arguments and shuts it down."""
     args = MarginCacheArguments(
         input_catalog_path=catalogs / SOURCE, output_path=tmp_path, output_artifact_name="own",
         margin_threshold=180.0, progress_bar=False, dask_n_workers=1, dask_tmp=tmp_path / "dask",
     )
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
     result = pipeline(args)
     assert result.total_rows > 0 and is_valid_catalog(tmp_path / "own", strict=True)
+    assert (tmp_path / "dask" / "dask-scratch-space").is_dir(), "the workers' local directory is dask_tmp"
+    # the worker processes are gone (multiprocessing's resource tracker lives as long as we do)
+    left = [p for p in me.children(recursive=True) if p.pid not in before and p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
+    assert not left, [p.cmdline() for p in left]

@@ -1,5 +1,9 @@
 """The public surface is deliberate: exactly these names, each importable."""
 
+import importlib
+import importlib.metadata
+import inspect
+
 import hats_margin
 
 
@@ -21,8 +25,21 @@ def test_all_is_the_public_surface():
             "verify_margin",
         ]
     )
-    for name in hats_margin.__all__:
-        assert getattr(hats_margin, name) is not None
+    # each name is the object defined in its home module (not a module, a stand-in or another name)
+    homes = {
+        "hats_margin.errors": ["ArgumentError", "HatsMarginError", "InputCatalogError", "OutputExistsError",
+                               "OutputLockedError", "ResumeMismatchError", "StageFailedError"],
+        "hats_margin.arguments": ["MarginCacheArguments"],
+        "hats_margin.orchestrator": ["MarginCacheResult", "pipeline", "pipeline_with_client"],
+        "hats_margin.verify": ["verify_margin"],
+    }
+    for module_name, names in homes.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            assert getattr(hats_margin, name) is getattr(module, name), name
+            assert getattr(module, name).__name__ == name, name
+    assert sorted([*(n for names in homes.values() for n in names), "__version__"]) == hats_margin.__all__
+    assert hats_margin.__version__ == importlib.metadata.version("hats-margin")
 
 
 def test_errors_are_also_builtins():
@@ -36,12 +53,13 @@ def test_errors_are_also_builtins():
 
 
 def test_pipeline_is_the_function_after_every_submodule_is_imported():
-    import importlib
     import pkgutil
 
     for module in pkgutil.walk_packages(hats_margin.__path__, "hats_margin."):
         importlib.import_module(module.name)
-    from hats_margin import pipeline, pipeline_with_client
+    from hats_margin import orchestrator, pipeline, pipeline_with_client
 
-    assert callable(pipeline) and pipeline.__name__ == "pipeline"
-    assert callable(pipeline_with_client)
+    assert pipeline is orchestrator.pipeline and pipeline.__name__ == "pipeline"
+    assert pipeline_with_client is orchestrator.pipeline_with_client
+    assert pipeline_with_client.__name__ == "pipeline_with_client"
+    assert list(inspect.signature(pipeline_with_client).parameters)[:2] == ["args", "client"]

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hats.catalog import TableProperties
 from hats.io.validation import is_valid_catalog
 
 from hats_margin import MarginCacheArguments, ResumeMismatchError, StageFailedError, pipeline_with_client
@@ -140,12 +141,19 @@ def test_resume_false_starts_over_deleting_only_its_own_files(client, setup, mon
 def test_same_values_resume_without_redoing_work(client, setup, monkeypatch, caplog):
     source, root = setup
     fail_in_reducing(client, make_args(source, root), monkeypatch)
-    calls = []
+    log = root / "map_calls.txt"
     real = mapping.map_partition
-    monkeypatch.setattr(mapping, "map_partition", lambda task: calls.append(task.key) or real(task))
+
+    def spy(task):
+        # Dask pickles the task function: a list in its closure would be a copy, always empty
+        with open(log, "a") as handle:
+            handle.write(task.key + "\n")
+        return real(task)
+
+    monkeypatch.setattr(mapping, "map_partition", spy)
     caplog.set_level(logging.INFO, logger="hats_margin")
     result = pipeline_with_client(make_args(source, root), client)
-    assert calls == [], "map tasks done by the failed run were run again"
+    assert not log.exists(), f"map tasks done by the failed run were run again: {log.read_text().split()}"
     assert result.skipped_tasks == {"mapping": 14, "reducing": 0}
     assert any("Mapping: 14 task(s) done in an earlier run, skipped" in r.message for r in caplog.records)
     assert is_valid_catalog(str(root / "out" / NAME), strict=True)
@@ -185,9 +193,36 @@ def test_unreadable_run_json_starts_over(client, setup, monkeypatch):
 
 
 def test_fingerprint_is_recorded_before_any_task(client, setup, monkeypatch):
+    """Each map task, when it starts, already finds run.json holding this run's values."""
     source, root = setup
-    fail_in_reducing(client, make_args(source, root), monkeypatch)
-    recorded = json.loads((intermediate(root) / "run.json").read_text())["fingerprint"]
-    for key in ("input_catalog_path", "input_partitions", "margin_threshold", "margin_order", "fine_filtering",
-                "npix_suffix", "output"):
-        assert key in recorded
+    args = make_args(source, root)
+    run_json = intermediate(root) / "run.json"
+    log = root / "map_calls.jsonl"
+    real = mapping.map_partition
+
+    def spy(task):
+        # Dask pickles the task function (a copied list would stay empty): report through a file
+        fingerprint = json.loads(run_json.read_text())["fingerprint"] if run_json.exists() else None
+        with open(log, "a") as handle:
+            handle.write(json.dumps(fingerprint) + "\n")
+        return real(task)
+
+    monkeypatch.setattr(mapping, "map_partition", spy)
+    pipeline_with_client(args, client)
+    seen = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(seen) == 14 and None not in seen, "a map task ran before run.json was written"
+    recorded = seen[0]
+    assert all(fingerprint == recorded for fingerprint in seen)
+    expected = {
+        "input_catalog_path": str(source),
+        "output": str(root / "out" / NAME),
+        "input_rows": TableProperties.read_from_dir(source).total_rows,
+        "margin_threshold": 3600.0,
+        "margin_order": args.margin_order,
+        "fine_filtering": False,
+        "npix_suffix": ".parquet",
+        "create_metadata": True,
+    }
+    assert {key: recorded.get(key) for key in expected} == expected
+    for key in ("input_partitions", "input_schema", "write_table_kwargs", "addl_hats_properties"):
+        assert isinstance(recorded.get(key), str) and recorded[key], key  # digests

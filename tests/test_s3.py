@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import logging
 
 import hats
 import lsdb
 import pandas as pd
 import pytest
+from PIL import Image
 from upath import UPath
 
 from hats_margin import MarginCacheArguments, cli, pipeline_with_client
+from hats_margin.stages import reducing
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -72,13 +75,35 @@ def assert_same_margin(remote, local):
     assert remote_info.catalog_type == "margin" and remote_info.margin_threshold == THRESHOLD
 
 
-def test_s3_to_s3_with_local_intermediate_equals_the_local_build(client, catalogs, s3, local_margin, tmp_path):
+def record_shards_while_reducing(monkeypatch, log, count_shards):
+    """Patch the reduce task to append ``count_shards()`` to ``log`` each time one starts (Dask
+    pickles the task function: a list in its closure would be a copy)."""
+    real = reducing.reduce_pixel
+
+    def spy(task):
+        with open(log, "a") as handle:
+            handle.write(f"{count_shards()}\n")
+        return real(task)
+
+    monkeypatch.setattr(reducing, "reduce_pixel", spy)
+
+
+def recorded(log) -> list[int]:
+    return [int(n) for n in log.read_text().split()]
+
+
+def test_s3_to_s3_with_local_intermediate_equals_the_local_build(client, catalogs, s3, local_margin, tmp_path,
+                                                                 monkeypatch):
     args = MarginCacheArguments(
         input_catalog_path=s3_path(s3, f"catalogs/{CATALOG}"), output_path=s3_path(s3, "margins"),
         output_artifact_name="margin", margin_threshold=THRESHOLD, tmp_dir=tmp_path / "scratch",
         progress_bar=False,
     )
+    scratch = tmp_path / "scratch" / "margin" / "intermediate"
+    record_shards_while_reducing(monkeypatch, tmp_path / "shards.txt", lambda: len(list(scratch.rglob("*.arrow"))))
     result = pipeline_with_client(args, client)
+    counts = recorded(tmp_path / "shards.txt")
+    assert counts and min(counts) > 0, f"the shards were not in the local tmp_dir while reducing: {counts}"
     remote = s3_path(s3, "margins/margin")
     assert str(result.catalog_path) == str(remote)
     assert_same_margin(remote, local_margin)
@@ -93,18 +118,31 @@ def test_s3_to_s3_with_local_intermediate_equals_the_local_build(client, catalog
     pd.testing.assert_frame_equal(margin, expected)
 
 
-def test_cli_storage_options_with_intermediate_files_on_s3(capsys, client, s3, local_margin):
+def test_cli_storage_options_with_intermediate_files_on_s3(capsys, client, s3, local_margin, tmp_path,
+                                                           monkeypatch):
     options = [f"--storage-option={key}={value}" for key, value in s3.items()]
+    on_s3 = f"{BUCKET}/cli/{CATALOG}_10arcs/intermediate/shards"
+    record_shards_while_reducing(
+        monkeypatch, tmp_path / "shards.txt",
+        lambda: len(s3fs.S3FileSystem(**s3, skip_instance_cache=True).find(on_s3)),
+    )
     code = cli.main(
         ["build", f"s3://{BUCKET}/catalogs/{CATALOG}", f"s3://{BUCKET}/cli", "--threshold", str(THRESHOLD),
          "--plot", "--scheduler", client.scheduler.address, "--no-progress", *options]
     )
     out, err = capsys.readouterr()
     assert code == 0, err
+    counts = recorded(tmp_path / "shards.txt")
+    assert counts and min(counts) > 0, f"the shards were not on S3 while reducing: {counts}"
     assert f"s3://{BUCKET}/cli/{CATALOG}_10arcs" in out
     remote = s3_path(s3, f"cli/{CATALOG}_10arcs")
     assert_same_margin(remote, local_margin)
-    assert (remote / "margin_sky_map.png").read_bytes().startswith(b"\x89PNG")
+    # the sky map on S3 is a complete image (decodes to the last row) that shows something
+    with Image.open(io.BytesIO((remote / "margin_sky_map.png").read_bytes())) as image:
+        image.load()
+        assert image.format == "PNG" and min(image.size) >= 100
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 24)
+    assert len(colours) > 2, "a blank image"
     assert not (remote / "intermediate").exists()
 
     assert cli.main(["info", str(remote), *options]) == 0

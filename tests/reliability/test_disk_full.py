@@ -39,8 +39,18 @@ def small_tmpfs(tmp_path):
 
 def assert_failed_cleanly(error: StageFailedError, run: Run, stage: str):
     assert error.stage == stage, str(error)
-    assert "No space left on device" in str(error) or "[Errno 28]" in str(error), str(error)
-    assert "run again with the same arguments to resume" in str(error)
+    # every failed task failed on the full disk, and the message names that OSError (type and
+    # errno) for each task it lists, then where the work done so far is kept
+    message = str(error)
+    assert error.failures, message
+    for key, exc in error.failures.items():
+        assert isinstance(exc, OSError) and exc.errno == errno.ENOSPC, (key, repr(exc))
+    keys = sorted(error.failures)
+    assert message.startswith(f"{len(keys)} {stage} task(s) failed: {', '.join(keys)}\n"), message
+    for key in keys[:10]:
+        assert f"\n  {key}: OSError: [Errno 28] " in message, (key, message)
+    assert "run again with the same arguments to resume" in message
+    assert f"kept in {run.base}" in message, message
     assert not (run.target / "hats.properties").exists()
     assert not is_valid_catalog(str(run.target))
 

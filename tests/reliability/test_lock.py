@@ -12,7 +12,7 @@ import sys
 import pytest
 from harness import NAME, Run, assert_same_margin, finish, kill_group, spawn, tree_digest, wait_for
 
-from hats_margin import OutputLockedError, pipeline_with_client
+from hats_margin import OutputLockedError, StageFailedError, pipeline_with_client
 
 LOCK = ".hats-margin.lock"
 
@@ -87,7 +87,8 @@ def test_lock_is_released_after_a_failure(client, copy_catalog, tmp_path):
     source_copy = copy_catalog("small_sky_source_catalog")
     (source_copy / "dataset" / "Norder=2" / "Dir=0" / "Npix=180.parquet").write_bytes(b"garbage")
     run = Run(source_copy, tmp_path / "out")
-    with pytest.raises(Exception, match="2_180"):
+    with pytest.raises(StageFailedError, match="2_180") as info:
         pipeline_with_client(run.args(), client)
+    assert info.value.stage == "mapping" and list(info.value.failures) == ["2_180"]
     assert not (run.target / LOCK).exists()
     assert (tmp_path / "out" / NAME / "intermediate" / "run.json").exists()
