@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -191,3 +192,16 @@ def test_fingerprint_is_recorded_before_any_task(client, setup, monkeypatch):
     for key in ("input_catalog_path", "input_partitions", "margin_threshold", "margin_order", "fine_filtering",
                 "npix_suffix", "output"):
         assert key in recorded
+
+
+def test_same_paths_spelled_differently_resume(client, setup, monkeypatch):
+    """Issue 13 item 13: a run on relative paths resumed with their absolute spelling (and a
+    trailing '/.') was refused as 'belongs to a run writing out/margin, not /abs/out/margin'."""
+    source, root = setup
+    monkeypatch.chdir(root)
+    relative = make_args(Path(os.path.relpath(source, root)), root, output_path="out", tmp_dir="tmp")
+    fail_in_reducing(client, relative, monkeypatch)
+    absolute = make_args(f"{source}/.", root, output_path=f"{root}/out/", tmp_dir=f"{root}//tmp")
+    result = pipeline_with_client(absolute, client)
+    assert result.skipped_tasks == {"mapping": 14, "reducing": 0}
+    assert is_valid_catalog(str(root / "out" / NAME), strict=True)

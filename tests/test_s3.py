@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from upath import UPath
 
-from hats_margin import MarginCacheArguments, cli, pipeline_with_client
+from hats_margin import ArgumentError, MarginCacheArguments, cli, pipeline_with_client
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -116,3 +116,42 @@ def test_missing_remote_input_is_a_clear_error(capsys, s3):
     code = cli.main(["build", f"s3://{BUCKET}/nothing/here", f"s3://{BUCKET}/out", "--dry-run", *options])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("hats-margin: error: ") and "does not exist" in err
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+@pytest.mark.parametrize(
+    ("output_path", "name", "pattern"),
+    [
+        ("catalogs", CATALOG, "is the same directory as the input catalog"),  # artifact == input
+        ("", "catalogs", "input catalog .* is inside the output directory"),  # artifact contains input
+        (f"catalogs/{CATALOG}/dataset", "margin", "is inside the input catalog"),  # artifact inside input
+        ("catalogs//./x/..", CATALOG, "is the same directory as the input catalog"),  # another spelling
+    ],
+)
+def test_output_overlapping_a_remote_input_is_refused(client, s3, output_path, name, pattern, overwrite):
+    """Issue 13 item 1: on S3 an artifact equal to, containing or inside the input was accepted
+    (only 'strictly inside' was refused), and --overwrite then deleted the input."""
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    before = sorted(fs.find(f"{BUCKET}/catalogs/{CATALOG}"))
+    output = s3_path(s3, output_path) if output_path else UPath(f"s3://{BUCKET}", **s3)
+    args = MarginCacheArguments(
+        input_catalog_path=s3_path(s3, f"catalogs/{CATALOG}"), output_path=output, output_artifact_name=name,
+        margin_threshold=THRESHOLD, overwrite=overwrite, progress_bar=False,
+    )
+    with pytest.raises(ArgumentError, match=pattern):
+        pipeline_with_client(args, client)
+    fs.invalidate_cache()
+    assert sorted(fs.find(f"{BUCKET}/catalogs/{CATALOG}")) == before
+
+
+def test_cli_overwrite_of_the_remote_input_is_refused(capsys, s3):
+    """The issue's command: the artifact s3://survey/catalogs/<cat> is the input itself."""
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    before = sorted(fs.find(f"{BUCKET}/catalogs/{CATALOG}"))
+    options = [f"--storage-option={key}={value}" for key, value in s3.items()]
+    code = cli.main(["build", f"s3://{BUCKET}/catalogs/{CATALOG}", f"s3://{BUCKET}/catalogs", "--name", CATALOG,
+                     "--overwrite", "--no-progress", *options])
+    err = capsys.readouterr().err
+    assert code == 2 and "is the same directory as the input catalog" in err, err
+    fs.invalidate_cache()
+    assert sorted(fs.find(f"{BUCKET}/catalogs/{CATALOG}")) == before

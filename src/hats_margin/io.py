@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,40 @@ def as_upath(path) -> UPath:
 
 def is_local(path: UPath) -> bool:
     return path.protocol in ("", "file", "local")
+
+
+# spellings of one protocol: the same store, whatever the URL says
+_PROTOCOL_ALIASES = {"s3a": "s3", "gs": "gcs", "file": "", "local": ""}
+
+
+def canonical_path(path, resolve_links: bool = True) -> str:
+    """One spelling per location, for comparing and fingerprinting paths.
+
+    Local paths become absolute and normalised (``..`` and ``.`` removed; symbolic links resolved
+    unless ``resolve_links=False``); remote ones become ``protocol://normalised/path`` (``s3a`` is
+    ``s3``, no trailing or doubled slashes). Storage options (endpoint, credentials) are not part
+    of it."""
+    path = as_upath(path)
+    if is_local(path):
+        local = Path(path.path).expanduser()
+        return str(local.resolve() if resolve_links else Path(os.path.abspath(local)))
+    protocol = path.protocol[0] if isinstance(path.protocol, (tuple, list)) else path.protocol
+    protocol = _PROTOCOL_ALIASES.get(protocol, protocol)
+    normalised = posixpath.normpath("/" + path.path.strip("/")).lstrip("/")
+    return f"{protocol}://{normalised}"
+
+
+def path_relation(path, other) -> str | None:
+    """How ``path`` relates to ``other`` on the same store: ``"same"``, ``"inside"`` (path is below
+    other), ``"contains"`` (other is below path), or None (unrelated, or on different stores)."""
+    a, b = canonical_path(path), canonical_path(other)
+    if a == b:
+        return "same"
+    if a.startswith(b.rstrip("/") + "/"):
+        return "inside"
+    if b.startswith(a.rstrip("/") + "/"):
+        return "contains"
+    return None
 
 
 def arrow_location(path: UPath):

@@ -20,6 +20,7 @@ from hats.pixel_math.healpix_pixel_function import sort_pixels
 
 from hats_margin._version import __version__
 from hats_margin.io import (
+    canonical_path,
     is_local,
     iter_files_size,
     output_file,
@@ -69,7 +70,8 @@ def _properties(plan, pixels, total_rows) -> TableProperties:
         "dec_column": catalog.properties.dec_column,
         "healpix_column": catalog.healpix_column,
         "healpix_order": int(catalog.healpix_order),
-        "primary_catalog": str(catalog.path),
+        # absolute (links kept as given), so that it resolves the same from any working directory
+        "primary_catalog": canonical_path(catalog.path, resolve_links=False),
         "margin_threshold": float(plan.threshold_arcsec),
         "npix_suffix": args.npix_suffix,
         "moc_sky_fraction": sky_fraction,
