@@ -350,6 +350,29 @@ class MarginFileWriter:
         self._writer.close()
 
 
+def temporary_sibling(path: UPath) -> UPath:
+    """Where a file is written before it is published: a hidden name in the same directory (same
+    file system, so the rename is atomic; readers of the catalog skip names starting with '.')."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def publish(temporary: UPath, final: UPath):
+    """Move a completely written file to its final name: an atomic rename on local disks; on object
+    stores a copy then a delete (the final object appears whole or not at all)."""
+    if is_local(final):
+        os.replace(Path(temporary.path), Path(final.path))
+    else:
+        final.fs.mv(temporary.path, final.path)
+
+
+def remove_file(path: UPath):
+    """Delete one file if it exists (a temporary file of a write that failed)."""
+    try:
+        path.fs.rm_file(path.path)
+    except FileNotFoundError:
+        pass
+
+
 def read_footer(path: UPath) -> pq.FileMetaData:
     location, fs = arrow_location(path)
     return pq.read_metadata(location, filesystem=fs)
