@@ -94,4 +94,85 @@ def test_failed_run_leaves_no_catalog_and_says_how_to_resume(client, copy_catalo
     with pytest.raises(StageFailedError, match=r"(?s)Fix the cause and run again with the same arguments to resume"):
         pipeline_with_client(run.args(), client)
     assert not is_valid_catalog(str(run.target))
-    assert {p.name for p in run.target.iterdir()} <= {"intermediate", "dataset"}
+    assert {p.name for p in run.target.iterdir()} <= {"intermediate", "dataset", ".hats-margin-owner"}
+
+
+# ------------------------------------------------------------------ issue 13 item 2: only what a run of ours claimed
+def test_directory_that_only_looks_like_ours_is_never_cleared(client, source_copy, tmp_path):
+    """`mkdir -p u/mydata/dataset; echo precious > u/mydata/dataset/notes.txt` then a build into
+    u/mydata deleted notes.txt: entries with our names are not proof that a run of ours wrote them."""
+    run = Run(source_copy, tmp_path / "u")
+    (run.target / "dataset").mkdir(parents=True)
+    (run.target / "dataset" / "notes.txt").write_text("precious")
+    (run.target / "partition_info.csv").write_text("mine\n")
+    before = tree_digest(run.target)
+    for resume in (True, False):
+        with pytest.raises(OutputExistsError, match=r"holds files hats-margin did not write \(dataset, partition_info"):
+            pipeline_with_client(run.args(resume=resume), client)
+    assert tree_digest(run.target) == before
+    assert sorted(p.name for p in run.target.iterdir()) == ["dataset", "partition_info.csv"]
+
+
+def test_hats_import_margin_with_a_missing_key_is_not_replaced(client, source_copy, reference_margins, tmp_path):
+    """A margin whose properties lack one key is not a valid catalog, but it is not ours either."""
+    run = Run(source_copy, tmp_path / "out")
+    shutil.copytree(reference_margins / "small_sky_source_catalog_3600arcs", run.target)
+    for name in ("hats.properties", "properties"):
+        path = run.target / name
+        if path.exists():
+            path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                                    if not line.startswith("hats_margin_threshold=")))
+    before = tree_digest(run.target)
+    with pytest.raises(OutputExistsError, match="holds files hats-margin did not write"):
+        pipeline_with_client(run.args(), client)
+    assert tree_digest(run.target) == before
+
+
+def test_empty_directory_is_claimed_and_the_claim_released_at_the_end(client, baselines, source_copy, tmp_path):
+    run = Run(source_copy, tmp_path / "out")
+    run.target.mkdir(parents=True)
+    pipeline_with_client(run.args(), client)
+    assert_same_margin(run.target, baselines(False))
+    assert sorted(p.name for p in run.target.iterdir()) == ["dataset", "hats.properties", "partition_info.csv",
+                                                            "properties"]
+
+
+# ------------------------------------------------------------------ issue 13 item 3: the old catalog survives
+def catalog_digest(target) -> dict:
+    """The catalog's own files (not our staging directory, lock or intermediate files)."""
+    return {str(p.relative_to(target)): p.read_bytes() for p in sorted(target.rglob("*"))
+            if p.is_file() and not p.relative_to(target).parts[0].startswith((".hats-margin", "intermediate"))}
+
+
+def test_failed_overwrite_keeps_the_old_catalog(client, baselines, copy_catalog, tmp_path):
+    """--overwrite deleted the old catalog before the new one existed: a failing input left neither."""
+    source_copy = copy_catalog("small_sky_source_catalog")
+    run = Run(source_copy, tmp_path / "out")
+    pipeline_with_client(run.args(margin_threshold=1800.0), client)
+    old = catalog_digest(run.target)
+    bad = source_copy.joinpath(*BAD_PARTITION)
+    saved = tmp_path / "saved.parquet"
+    shutil.copyfile(bad, saved)
+    bad.write_bytes(b"garbage")
+    for resume in (True, False):
+        with pytest.raises(StageFailedError):
+            pipeline_with_client(run.args(overwrite=True, resume=resume), client)
+        assert catalog_digest(run.target) == old
+        assert is_valid_catalog(str(run.target), strict=True)
+    shutil.copyfile(saved, bad)
+    result = pipeline_with_client(run.args(overwrite=True), client)
+    assert result.skipped_tasks["mapping"] == 13  # the staged build resumed
+    assert_same_margin(run.target, baselines(False))
+    assert sorted(p.name for p in run.target.iterdir()) == ["dataset", "hats.properties", "partition_info.csv",
+                                                            "properties"]
+
+
+def test_overwrite_of_files_not_ours_replaces_them_only_at_the_end(client, baselines, copy_catalog, tmp_path):
+    source_copy = copy_catalog("small_sky_source_catalog")
+    run = Run(source_copy, tmp_path / "out")
+    run.target.mkdir(parents=True)
+    (run.target / "thesis.tex").write_text("years of work")
+    source_copy.joinpath(*BAD_PARTITION).write_bytes(b"garbage")
+    with pytest.raises(StageFailedError):
+        pipeline_with_client(run.args(overwrite=True), client)
+    assert (run.target / "thesis.tex").read_text() == "years of work"

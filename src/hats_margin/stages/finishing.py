@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 def finish(plan, pixel_rows: dict[tuple[int, int], int]) -> dict:
     """Write the catalog-level files; returns a summary."""
     args, catalog = plan.args, plan.catalog
-    target = args.catalog_path
+    target = plan.build_path
     pixels = sort_pixels([HealpixPixel(o, p) for (o, p), n in pixel_rows.items() if n > 0])
     files = [output_file(target, p.order, p.pixel, args.npix_suffix, args.npix_parquet_name) for p in pixels]
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -61,7 +61,7 @@ def finish(plan, pixel_rows: dict[tuple[int, int], int]) -> dict:
 def _properties(plan, pixels, total_rows) -> TableProperties:
     args, catalog = plan.args, plan.catalog
     sky_fraction = round(sum(4.0 ** -p.order for p in pixels) / 12.0, 5)
-    size_kb = int(sum(iter_files_size(args.catalog_path / "dataset")) / 1024)
+    size_kb = int(sum(iter_files_size(plan.build_path / "dataset")) / 1024)
     values = {
         "catalog_name": args.output_artifact_name,
         "catalog_type": "margin",

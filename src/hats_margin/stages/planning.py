@@ -64,6 +64,13 @@ class Plan:
     layout: TempLayout
     fingerprint: dict
     map_tasks: list[MapTask] = field(default_factory=list)
+    build_path: UPath | None = None
+    """Where the catalog is written: the artifact directory, or the staging directory inside it
+    when overwrite replaces old contents (set when the output is prepared)."""
+
+    def __post_init__(self):
+        if self.build_path is None:
+            self.build_path = self.args.catalog_path
 
 
 def make_plan(args: MarginCacheArguments) -> Plan:
