@@ -217,11 +217,52 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 # ---------------------------------------------------------------- intermediate layout
+# every path a run writes below its intermediate directory (relative, '/'-separated); the
+# temporary names are io.write_json's
+_INTERMEDIATE_ENTRY = re.compile(
+    r"run\.json|\.run\.json\.\d+\.tmp"
+    r"|(mapping|reducing)(/(\d+_\d+\.json|\.\d+_\d+\.json\.\d+\.tmp))?"
+    r"|shards(/\d+_\d+(/\d+_\d+\.arrow)?)?"
+)
+
+
 @dataclass(frozen=True)
 class TempLayout:
     """Where a run keeps its state; one owner for every intermediate path."""
 
     base: UPath
+
+    @staticmethod
+    def owns(relative: str) -> bool:
+        """Is ``relative`` (a path below the intermediate directory) a name this layout writes?"""
+        return _INTERMEDIATE_ENTRY.fullmatch(relative) is not None
+
+    def remove(self) -> list[str]:
+        """Delete what a run writes here, at every depth, ``run.json`` first (a deletion cut short
+        is never resumed from), then the directory if nothing else is left. Anything else (a
+        user's file, a symbolic link's target) is kept; returns those kept paths, relative."""
+        if not self.base.exists():
+            return []
+        self.run_file.unlink(missing_ok=True)
+        if is_local(self.base):
+            return _remove_local(Path(self.base.path), self.owns)
+        fs = self.base.fs
+        root = fs._strip_protocol(self.base.path).rstrip("/")
+        found = fs.find(root, withdirs=True, detail=True)
+        ours, kept = [], []
+        for path, info in found.items():
+            relative = path[len(root):].strip("/")
+            if not relative or info.get("type") == "directory":
+                continue
+            if self.owns(relative):
+                ours.append(path)
+            else:
+                kept.append(relative)
+        if ours:
+            fs.rm(ours)
+        if not kept and fs.exists(root):
+            fs.rm(root, recursive=True)  # directory markers some stores keep
+        return sorted(kept)
 
     @property
     def run_file(self) -> UPath:
@@ -239,6 +280,26 @@ class TempLayout:
     def make_dirs(self):
         for sub in ("mapping", "reducing", "shards"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
+
+
+def _remove_local(root: Path, owns) -> list[str]:
+    """TempLayout.remove on a local disk: os.walk never follows a symbolic link."""
+    kept = []
+    for folder, dirs, files in os.walk(root, topdown=False):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            path = os.path.join(folder, name)
+            relative = os.path.relpath(path, root).replace(os.sep, "/")
+            if owns(relative):
+                os.unlink(path)
+            else:
+                kept.append(relative)
+        relative = os.path.relpath(folder, root).replace(os.sep, "/")
+        if relative == "." or owns(relative):
+            try:
+                os.rmdir(folder)
+            except OSError:  # holds something that is not ours
+                pass
+    return sorted(kept)
 
 
 def write_json(path: UPath, payload: dict):

@@ -123,11 +123,13 @@ def install(point: str, action=None):
                         rmdir(os.path.join(root, folder))
                 rmdir(path)
 
-            shutil.rmtree = slow_rmtree
+            # the clean-up deletes entry by entry itself (TempLayout.remove): count those too
+            os_unlink, os_rmdir = os.unlink, os.rmdir
+            shutil.rmtree, os.unlink, os.rmdir = slow_rmtree, unlink, rmdir
             try:
                 clean_up(plan)
             finally:
-                shutil.rmtree = shutil_rmtree
+                shutil.rmtree, os.unlink, os.rmdir = shutil_rmtree, os_unlink, os_rmdir
 
         finishing.clean_up = dying_clean_up
     elif name == "after-clean-up":

@@ -4,6 +4,7 @@ is never modified (the ``source_copy`` fixture checksums it around every test)."
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import pytest
@@ -176,3 +177,44 @@ def test_overwrite_of_files_not_ours_replaces_them_only_at_the_end(client, basel
     with pytest.raises(StageFailedError):
         pipeline_with_client(run.args(overwrite=True), client)
     assert (run.target / "thesis.tex").read_text() == "years of work"
+
+
+# ------------------------------------------------------------------ issue 13 item 4: every depth
+USERS_FILES = ("shards/notes.txt", "shards/2_176/notes.txt", "mapping/mine/deep.txt", "reducing/0_4.json.bak")
+
+
+def put_users_files(base):
+    for relative in USERS_FILES:
+        path = base / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+
+
+def assert_users_files_kept(base):
+    for relative in USERS_FILES:
+        assert (base / relative).read_text() == "mine", relative
+    leftovers = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
+    assert leftovers == sorted(USERS_FILES), "only the user's files may be left"
+
+
+def test_users_files_deep_in_the_intermediate_directory_are_kept(client, baselines, copy_catalog, tmp_path, caplog):
+    """Ownership was checked on top-level names only: a user's file in tmp_dir/<name>/intermediate/shards/
+    was deleted by the clean-up and by resume=False."""
+    source_copy = copy_catalog("small_sky_source_catalog")
+    run = Run(source_copy, tmp_path / "out", tmp_dir=tmp_path / "tmp")
+    bad = source_copy.joinpath(*BAD_PARTITION)
+    saved = tmp_path / "saved.parquet"
+    shutil.copyfile(bad, saved)
+    bad.write_bytes(b"garbage")
+    with pytest.raises(StageFailedError):
+        pipeline_with_client(run.args(), client)
+    put_users_files(run.base)
+    with pytest.raises(StageFailedError):  # resume=False discards the run's files, not the user's
+        pipeline_with_client(run.args(resume=False), client)
+    assert all((run.base / relative).read_text() == "mine" for relative in USERS_FILES)
+    shutil.copyfile(saved, bad)
+    caplog.set_level(logging.WARNING, logger="hats_margin")
+    pipeline_with_client(run.args(), client)  # success: the clean-up keeps them too
+    assert_same_margin(run.target, baselines(False))
+    assert_users_files_kept(run.base)
+    assert any("kept 4 file(s)" in r.message and "hats-margin did not write" in r.message for r in caplog.records)

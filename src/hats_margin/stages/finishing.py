@@ -25,7 +25,6 @@ from hats_margin.io import (
     iter_files_size,
     output_file,
     read_footer,
-    remove_tree,
     write_metadata_files,
 )
 
@@ -106,7 +105,11 @@ def _write_properties_last(properties: TableProperties, target):
 def clean_up(plan):
     """Remove this run's intermediate directory (and its tmp_dir/<name> parent if left empty)."""
     base = plan.layout.base
-    remove_tree(base)
+    kept = plan.layout.remove()  # only what a run writes there, at every depth
+    if kept:
+        logger.warning(
+            "kept %d file(s) in %s that hats-margin did not write: %s", len(kept), base, ", ".join(kept[:5])
+        )
     parent = base.parent
     if parent != plan.args.catalog_path and parent.exists() and not any(parent.iterdir()):
         parent.rmdir()
