@@ -8,7 +8,7 @@ import logging
 import shutil
 
 import pytest
-from harness import NAME, Run, assert_same_margin, tree_digest
+from harness import NAME, Run, assert_same_margin, finish, spawn, tree_digest
 from hats.io.validation import is_valid_catalog
 
 from hats_margin import OutputExistsError, StageFailedError, pipeline_with_client
@@ -218,3 +218,29 @@ def test_users_files_deep_in_the_intermediate_directory_are_kept(client, baselin
     assert_same_margin(run.target, baselines(False))
     assert_users_files_kept(run.base)
     assert any("kept 4 file(s)" in r.message and "hats-margin did not write" in r.message for r in caplog.records)
+
+
+# ------------------------------------------------------------------ issue 13 item 3: SIGKILL inside the swap
+SWAP_POINTS = [
+    pytest.param(2, id="old-half-aside"),
+    pytest.param(6, id="new-half-in"),
+    pytest.param(4, id="old-all-aside", marks=pytest.mark.slow),
+    pytest.param(8, id="all-moved", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("moves", SWAP_POINTS)
+def test_overwrite_killed_inside_the_swap_is_completed_by_the_rerun(client, baselines, source_copy, sentinels,
+                                                                     tmp_path, moves):
+    """A real SIGKILL of an overwrite run after its n-th swap move: neither catalog is lost, and the
+    same command run again puts the new catalog in place without rebuilding it."""
+    run = Run(source_copy, tmp_path / "out", extra={"overwrite": True})
+    pipeline_with_client(run.args(margin_threshold=1800.0), client)  # the old catalog
+    finish(spawn(run, tmp_path / "run.log", threads=True, die_at=f"mid-swap:{moves}"), killed=True)
+    names = {p.name for p in run.target.iterdir()}
+    assert {".hats-margin-new", ".hats-margin-old"} <= names  # both catalogs are on disk
+    result = pipeline_with_client(run.args(), client)
+    assert result.skipped_tasks == {"mapping": 14, "reducing": len(result.pixels)}  # not rebuilt
+    assert_same_margin(run.target, baselines(False))
+    assert sorted(p.name for p in run.target.iterdir()) == ["dataset", "hats.properties", "partition_info.csv",
+                                                            "properties"]
