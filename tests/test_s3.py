@@ -155,3 +155,38 @@ def test_cli_overwrite_of_the_remote_input_is_refused(capsys, s3):
     assert code == 2 and "is the same directory as the input catalog" in err, err
     fs.invalidate_cache()
     assert sorted(fs.find(f"{BUCKET}/catalogs/{CATALOG}")) == before
+
+
+def test_overwrite_on_s3_keeps_the_old_catalog_until_the_new_one_is_complete(client, s3, local_margin, monkeypatch):
+    """Issue 13 item 3 on an object store: a failing overwrite leaves the old catalog whole; a
+    successful one swaps the new catalog in and leaves no staging directory."""
+    from hats_margin.stages import reducing
+
+    def args(threshold, **kwargs):
+        return MarginCacheArguments(
+            input_catalog_path=s3_path(s3, f"catalogs/{CATALOG}"), output_path=s3_path(s3, "replaced"),
+            output_artifact_name="margin", margin_threshold=threshold, progress_bar=False, **kwargs,
+        )
+
+    pipeline_with_client(args(5.0), client)
+    remote = s3_path(s3, "replaced/margin")
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    old = {path: fs.cat_file(path) for path in fs.find(f"{BUCKET}/replaced/margin")}
+
+    def broken(task):
+        raise RuntimeError("simulated reduce failure")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(reducing, "reduce_pixel", broken)
+        with pytest.raises(Exception, match="simulated reduce failure"):
+            pipeline_with_client(args(THRESHOLD, overwrite=True), client)
+    fs.invalidate_cache()
+    kept = {path: fs.cat_file(path) for path in fs.find(f"{BUCKET}/replaced/margin")
+            if "/.hats-margin" not in path and "/intermediate/" not in path}
+    assert kept == old
+    assert hats.read_hats(remote).catalog_info.margin_threshold == 5.0
+    pipeline_with_client(args(THRESHOLD, overwrite=True), client)
+    assert_same_margin(remote, local_margin)
+    fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{BUCKET}/replaced/margin")) == [
+        "dataset", "hats.properties", "partition_info.csv", "properties"]
