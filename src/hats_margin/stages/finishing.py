@@ -103,7 +103,8 @@ def _write_properties_last(properties: TableProperties, target):
 
 
 def clean_up(plan):
-    """Remove this run's intermediate directory (and its tmp_dir/<name> parent if left empty)."""
+    """Remove what this run wrote in its intermediate directory (the directory too, and its
+    tmp_dir/<name> parent, when nothing else is left in them)."""
     base = plan.layout.base
     kept = plan.layout.remove()  # only what a run writes there, at every depth
     if kept:
