@@ -50,6 +50,22 @@ def test_tmp_dir_then_dask_tmp(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"output_artifact_name": "abc\n"}, "output_artifact_name 'abc\\n' contains invalid characters"),
+        ({"npix_suffix": ".."}, "npix_suffix must be '/' (one directory per pixel) or a file extension"),
+        ({"npix_suffix": ".parquet\n"}, "got '.parquet\\n'"),
+        ({"npix_suffix": "/", "npix_parquet_name": "a.parquet\n"}, "npix_parquet_name must be a plain file name"),
+    ],
+)
+def test_patterns_match_the_whole_value(tmp_path, kwargs, message):
+    """Issue 13 item 12: '$' matched before a trailing newline, and '..' passed as a suffix."""
+    with pytest.raises(ArgumentError) as info:
+        make(tmp_path, **kwargs)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
         ({"input_catalog_path": None}, "input_catalog_path is required"),
         ({"input_catalog_path": ""}, "input_catalog_path is required"),
         ({"input_catalog_path": 5}, "input_catalog_path must be a str, Path or UPath"),
@@ -75,7 +91,7 @@ def test_tmp_dir_then_dask_tmp(tmp_path):
         ({"completion_email_address": "nobody"}, "completion_email_address must be an email address"),
         ({"smtp_port": 70000}, "smtp_port must be an integer 1..65535"),
         ({"npix_suffix": "parquet"}, "npix_suffix must be '/'"),
-        ({"npix_suffix": "./x"}, "must not contain a path separator"),
+        ({"npix_suffix": "./x"}, "got './x'"),
         ({"npix_parquet_name": "a.parquet"}, "npix_parquet_name is only used with npix_suffix='/'"),
         ({"npix_suffix": "/", "npix_parquet_name": "a/b.parquet"}, "npix_parquet_name must be a plain file name"),
         ({"write_table_kwargs": "zstd"}, "write_table_kwargs must be a dict or None"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -261,7 +262,7 @@ def test_output_artifact_is_a_file(client, source, out):
 
 def test_output_equal_to_input(client, source):
     before = tree_digest(source)
-    run_expecting(client, ArgumentError, r"inside the input catalog", source, source.parent,
+    run_expecting(client, ArgumentError, r"is the same directory as the input catalog", source, source.parent,
                   output_artifact_name=source.name, overwrite=True)
     assert tree_digest(source) == before
 
@@ -280,10 +281,35 @@ def test_input_inside_output(client, source):
 
 def test_tmp_dir_inside_input(client, source, out):
     before = tree_digest(source)
-    run_expecting(client, ArgumentError, r"tmp_dir .* is inside the input catalog", source, out,
+    run_expecting(client, ArgumentError, r"tmp_dir .* overlaps the input catalog", source, out,
                   tmp_dir=str(source / "tmp"))
     assert tree_digest(source) == before
     assert_nothing_written(out)
+
+
+def test_tmp_dir_whose_intermediate_directory_holds_the_input(client, tmp_path, out, copy_catalog):
+    """Issue 13 item 1: tmp_dir/<name>/intermediate containing the input is refused too (a fresh
+    start would delete it)."""
+    source = copy_catalog("small_sky_source_catalog")
+    inner = tmp_path / "scratch" / "margin" / "intermediate" / "cat"
+    inner.parent.mkdir(parents=True)
+    source.rename(inner)
+    before = tree_digest(inner)
+    run_expecting(client, ArgumentError, r"tmp_dir .* overlaps the input catalog", inner, out,
+                  tmp_dir=str(tmp_path / "scratch"), resume=False, overwrite=True)
+    assert tree_digest(inner) == before
+
+
+def test_output_equal_to_input_through_a_link_and_a_relative_path(client, source, tmp_path, monkeypatch):
+    """The same directory spelled differently (a symbolic link, a relative path) is the same."""
+    before = tree_digest(source)
+    (tmp_path / "link").symlink_to(source.parent)
+    monkeypatch.chdir(tmp_path)
+    run_expecting(client, ArgumentError, r"is the same directory as the input catalog", source, "link",
+                  output_artifact_name=source.name, overwrite=True)
+    run_expecting(client, ArgumentError, r"is inside the input catalog",
+                  os.path.relpath(source, tmp_path), str(source / "dataset" / ".."), overwrite=True)
+    assert tree_digest(source) == before
 
 
 @pytest.mark.parametrize("name", ["dask_n_workers", "dask_threads_per_worker"])

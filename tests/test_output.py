@@ -40,7 +40,7 @@ def test_output_is_a_strictly_valid_margin_catalog(client, catalogs, tmp_path, f
     assert props.catalog_type == "margin"
     assert props.total_rows == result.total_rows
     assert props.margin_threshold == 180.0
-    assert props.primary_catalog == str(catalogs / SOURCE)
+    assert props.primary_catalog == str(catalogs / SOURCE)  # absolute: catalogs is an absolute path
     assert (props.ra_column, props.dec_column) == ("source_ra", "source_dec")
     assert props.healpix_column == "_healpix_29" and props.healpix_order == 29
     assert props.hats_builder.startswith("hats-margin v")
@@ -50,6 +50,21 @@ def test_output_is_a_strictly_valid_margin_catalog(client, catalogs, tmp_path, f
     # _metadata matches the files
     metadata = pq.read_metadata(path / "dataset" / "_metadata")
     assert metadata.num_rows == result.total_rows
+
+
+def test_primary_catalog_is_recorded_absolute(client, catalogs, tmp_path, monkeypatch):
+    """Issue 13 item 13: the primary's path is stored absolute and normalised (it was stored as
+    typed, so a relative path resolved differently from another working directory); links are
+    kept as the user spelled them."""
+    (tmp_path / "cats").symlink_to(catalogs)
+    monkeypatch.chdir(tmp_path)
+    args = MarginCacheArguments(
+        input_catalog_path=f"cats/./{SOURCE}/", output_path="out", output_artifact_name="margin",
+        margin_threshold=180.0, progress_bar=False,
+    )
+    pipeline_with_client(args, client)
+    props = TableProperties.read_from_dir(tmp_path / "out" / "margin")
+    assert props.primary_catalog == str(tmp_path / "cats" / SOURCE)
 
 
 def test_margin_pixels_are_partitions_or_negative_tree(client, catalogs, tmp_path):

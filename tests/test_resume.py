@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -226,3 +227,16 @@ def test_fingerprint_is_recorded_before_any_task(client, setup, monkeypatch):
     assert {key: recorded.get(key) for key in expected} == expected
     for key in ("input_partitions", "input_schema", "write_table_kwargs", "addl_hats_properties"):
         assert isinstance(recorded.get(key), str) and recorded[key], key  # digests
+
+
+def test_same_paths_spelled_differently_resume(client, setup, monkeypatch):
+    """Issue 13 item 13: a run on relative paths resumed with their absolute spelling (and a
+    trailing '/.') was refused as 'belongs to a run writing out/margin, not /abs/out/margin'."""
+    source, root = setup
+    monkeypatch.chdir(root)
+    relative = make_args(Path(os.path.relpath(source, root)), root, output_path="out", tmp_dir="tmp")
+    fail_in_reducing(client, relative, monkeypatch)
+    absolute = make_args(f"{source}/.", root, output_path=f"{root}/out/", tmp_dir=f"{root}//tmp")
+    result = pipeline_with_client(absolute, client)
+    assert result.skipped_tasks == {"mapping": 14, "reducing": 0}
+    assert is_valid_catalog(str(root / "out" / NAME), strict=True)

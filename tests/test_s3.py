@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from upath import UPath
 
-from hats_margin import MarginCacheArguments, cli, pipeline_with_client
+from hats_margin import ArgumentError, MarginCacheArguments, cli, pipeline_with_client
 from hats_margin.stages import reducing
 
 s3fs = pytest.importorskip("s3fs")
@@ -154,3 +154,77 @@ def test_missing_remote_input_is_a_clear_error(capsys, s3):
     code = cli.main(["build", f"s3://{BUCKET}/nothing/here", f"s3://{BUCKET}/out", "--dry-run", *options])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("hats-margin: error: ") and "does not exist" in err
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+@pytest.mark.parametrize(
+    ("output_path", "name", "pattern"),
+    [
+        ("catalogs", CATALOG, "is the same directory as the input catalog"),  # artifact == input
+        ("", "catalogs", "input catalog .* is inside the output directory"),  # artifact contains input
+        (f"catalogs/{CATALOG}/dataset", "margin", "is inside the input catalog"),  # artifact inside input
+        ("catalogs//./x/..", CATALOG, "is the same directory as the input catalog"),  # another spelling
+    ],
+)
+def test_output_overlapping_a_remote_input_is_refused(client, s3, output_path, name, pattern, overwrite):
+    """Issue 13 item 1: on S3 an artifact equal to, containing or inside the input was accepted
+    (only 'strictly inside' was refused), and --overwrite then deleted the input."""
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    before = sorted(fs.find(f"{BUCKET}/catalogs/{CATALOG}"))
+    output = s3_path(s3, output_path) if output_path else UPath(f"s3://{BUCKET}", **s3)
+    args = MarginCacheArguments(
+        input_catalog_path=s3_path(s3, f"catalogs/{CATALOG}"), output_path=output, output_artifact_name=name,
+        margin_threshold=THRESHOLD, overwrite=overwrite, progress_bar=False,
+    )
+    with pytest.raises(ArgumentError, match=pattern):
+        pipeline_with_client(args, client)
+    fs.invalidate_cache()
+    assert sorted(fs.find(f"{BUCKET}/catalogs/{CATALOG}")) == before
+
+
+def test_cli_overwrite_of_the_remote_input_is_refused(capsys, s3):
+    """The issue's command: the artifact s3://survey/catalogs/<cat> is the input itself."""
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    before = sorted(fs.find(f"{BUCKET}/catalogs/{CATALOG}"))
+    options = [f"--storage-option={key}={value}" for key, value in s3.items()]
+    code = cli.main(["build", f"s3://{BUCKET}/catalogs/{CATALOG}", f"s3://{BUCKET}/catalogs", "--name", CATALOG,
+                     "--overwrite", "--no-progress", *options])
+    err = capsys.readouterr().err
+    assert code == 2 and "is the same directory as the input catalog" in err, err
+    fs.invalidate_cache()
+    assert sorted(fs.find(f"{BUCKET}/catalogs/{CATALOG}")) == before
+
+
+def test_overwrite_on_s3_keeps_the_old_catalog_until_the_new_one_is_complete(client, s3, local_margin, monkeypatch):
+    """Issue 13 item 3 on an object store: a failing overwrite leaves the old catalog whole; a
+    successful one swaps the new catalog in and leaves no staging directory."""
+    from hats_margin.stages import reducing
+
+    def args(threshold, **kwargs):
+        return MarginCacheArguments(
+            input_catalog_path=s3_path(s3, f"catalogs/{CATALOG}"), output_path=s3_path(s3, "replaced"),
+            output_artifact_name="margin", margin_threshold=threshold, progress_bar=False, **kwargs,
+        )
+
+    pipeline_with_client(args(5.0), client)
+    remote = s3_path(s3, "replaced/margin")
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    old = {path: fs.cat_file(path) for path in fs.find(f"{BUCKET}/replaced/margin")}
+
+    def broken(task):
+        raise RuntimeError("simulated reduce failure")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(reducing, "reduce_pixel", broken)
+        with pytest.raises(Exception, match="simulated reduce failure"):
+            pipeline_with_client(args(THRESHOLD, overwrite=True), client)
+    fs.invalidate_cache()
+    kept = {path: fs.cat_file(path) for path in fs.find(f"{BUCKET}/replaced/margin")
+            if "/.hats-margin" not in path and "/intermediate/" not in path}
+    assert kept == old
+    assert hats.read_hats(remote).catalog_info.margin_threshold == 5.0
+    pipeline_with_client(args(THRESHOLD, overwrite=True), client)
+    assert_same_margin(remote, local_margin)
+    fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{BUCKET}/replaced/margin")) == [
+        "dataset", "hats.properties", "partition_info.csv", "properties"]

@@ -20,7 +20,9 @@ from hats_margin.errors import ArgumentError
 from hats_margin.geometry import MAX_ORDER, coarse_order_for_threshold, coarse_reach_arcsec, ring_reach_arcsec
 
 DEFAULT_THRESHOLD_ARCSEC = 5.0
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+# matched with fullmatch (``$`` would accept a trailing newline)
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
+_SUFFIX_PATTERN = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9._\-]*")
 _PATHLIKE = (str, Path, UPath)
 
 
@@ -103,7 +105,7 @@ class MarginCacheArguments:
         name = self.output_artifact_name
         if not isinstance(name, str) or not name:
             raise ArgumentError("output_artifact_name is required (e.g. 'my_catalog_10arcs')")
-        if not _NAME_PATTERN.match(name) or name in (".", ".."):
+        if not _NAME_PATTERN.fullmatch(name):
             raise ArgumentError(
                 f"output_artifact_name {name!r} contains invalid characters: use letters, digits, "
                 "'.', '_' and '-' only (no path separators or spaces), starting with a letter or digit"
@@ -183,16 +185,14 @@ class MarginCacheArguments:
 
     def _check_output_options(self):
         suffix = self.npix_suffix
-        if not isinstance(suffix, str) or not (suffix == "/" or (suffix.startswith(".") and len(suffix) > 1)):
+        if not isinstance(suffix, str) or not (suffix == "/" or _SUFFIX_PATTERN.fullmatch(suffix)):
             raise ArgumentError(
-                f"npix_suffix must be '/' (one directory per pixel) or a file extension like '.parquet', "
-                f"got {suffix!r}"
+                f"npix_suffix must be '/' (one directory per pixel) or a file extension like '.parquet' "
+                f"('.' then letters, digits, '.', '_' or '-'), got {suffix!r}"
             )
-        if suffix != "/" and any(sep in suffix for sep in "/\\"):
-            raise ArgumentError(f"npix_suffix {suffix!r} must not contain a path separator")
         pq_name = self.npix_parquet_name
         if pq_name is not None:
-            if not isinstance(pq_name, str) or not _NAME_PATTERN.match(pq_name):
+            if not isinstance(pq_name, str) or not _NAME_PATTERN.fullmatch(pq_name):
                 raise ArgumentError(
                     f"npix_parquet_name must be a plain file name like 'part0.parquet', got {pq_name!r}"
                 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,40 @@ def as_upath(path) -> UPath:
 
 def is_local(path: UPath) -> bool:
     return path.protocol in ("", "file", "local")
+
+
+# spellings of one protocol: the same store, whatever the URL says
+_PROTOCOL_ALIASES = {"s3a": "s3", "gs": "gcs", "file": "", "local": ""}
+
+
+def canonical_path(path, resolve_links: bool = True) -> str:
+    """One spelling per location, for comparing and fingerprinting paths.
+
+    Local paths become absolute and normalised (``..`` and ``.`` removed; symbolic links resolved
+    unless ``resolve_links=False``); remote ones become ``protocol://normalised/path`` (``s3a`` is
+    ``s3``, no trailing or doubled slashes). Storage options (endpoint, credentials) are not part
+    of it."""
+    path = as_upath(path)
+    if is_local(path):
+        local = Path(path.path).expanduser()
+        return str(local.resolve() if resolve_links else Path(os.path.abspath(local)))
+    protocol = path.protocol[0] if isinstance(path.protocol, (tuple, list)) else path.protocol
+    protocol = _PROTOCOL_ALIASES.get(protocol, protocol)
+    normalised = posixpath.normpath("/" + path.path.strip("/")).lstrip("/")
+    return f"{protocol}://{normalised}"
+
+
+def path_relation(path, other) -> str | None:
+    """How ``path`` relates to ``other`` on the same store: ``"same"``, ``"inside"`` (path is below
+    other), ``"contains"`` (other is below path), or None (unrelated, or on different stores)."""
+    a, b = canonical_path(path), canonical_path(other)
+    if a == b:
+        return "same"
+    if a.startswith(b.rstrip("/") + "/"):
+        return "inside"
+    if b.startswith(a.rstrip("/") + "/"):
+        return "contains"
+    return None
 
 
 def arrow_location(path: UPath):
@@ -246,11 +281,52 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 # ---------------------------------------------------------------- intermediate layout
+# every path a run writes below its intermediate directory (relative, '/'-separated); the
+# temporary names are io.write_json's
+_INTERMEDIATE_ENTRY = re.compile(
+    r"run\.json|\.run\.json\.\d+\.tmp"
+    r"|(mapping|reducing)(/(\d+_\d+\.json|\.\d+_\d+\.json\.\d+\.tmp))?"
+    r"|shards(/\d+_\d+(/\d+_\d+\.arrow)?)?"
+)
+
+
 @dataclass(frozen=True)
 class TempLayout:
     """Where a run keeps its state; one owner for every intermediate path."""
 
     base: UPath
+
+    @staticmethod
+    def owns(relative: str) -> bool:
+        """Is ``relative`` (a path below the intermediate directory) a name this layout writes?"""
+        return _INTERMEDIATE_ENTRY.fullmatch(relative) is not None
+
+    def remove(self) -> list[str]:
+        """Delete what a run writes here, at every depth, ``run.json`` first (a deletion cut short
+        is never resumed from), then the directory if nothing else is left. Anything else (a
+        user's file, a symbolic link's target) is kept; returns those kept paths, relative."""
+        if not self.base.exists():
+            return []
+        self.run_file.unlink(missing_ok=True)
+        if is_local(self.base):
+            return _remove_local(Path(self.base.path), self.owns)
+        fs = self.base.fs
+        root = fs._strip_protocol(self.base.path).rstrip("/")
+        found = fs.find(root, withdirs=True, detail=True)
+        ours, kept = [], []
+        for path, info in found.items():
+            relative = path[len(root):].strip("/")
+            if not relative or info.get("type") == "directory":
+                continue
+            if self.owns(relative):
+                ours.append(path)
+            else:
+                kept.append(relative)
+        if ours:
+            fs.rm(ours)
+        if not kept and fs.exists(root):
+            fs.rm(root, recursive=True)  # directory markers some stores keep
+        return sorted(kept)
 
     @property
     def run_file(self) -> UPath:
@@ -268,6 +344,26 @@ class TempLayout:
     def make_dirs(self):
         for sub in ("mapping", "reducing", "shards"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
+
+
+def _remove_local(root: Path, owns) -> list[str]:
+    """TempLayout.remove on a local disk: os.walk never follows a symbolic link."""
+    kept = []
+    for folder, dirs, files in os.walk(root, topdown=False):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            path = os.path.join(folder, name)
+            relative = os.path.relpath(path, root).replace(os.sep, "/")
+            if owns(relative):
+                os.unlink(path)
+            else:
+                kept.append(relative)
+        relative = os.path.relpath(folder, root).replace(os.sep, "/")
+        if relative == "." or owns(relative):
+            try:
+                os.rmdir(folder)
+            except OSError:  # holds something that is not ours
+                pass
+    return sorted(kept)
 
 
 def write_json(path: UPath, payload: dict):
@@ -377,6 +473,29 @@ class MarginFileWriter:
             self._writer.write_table(pa.concat_tables(self._pending), row_group_size=self.row_group_size)
         self._pending = []
         self._writer.close()
+
+
+def temporary_sibling(path: UPath) -> UPath:
+    """Where a file is written before it is published: a hidden name in the same directory (same
+    file system, so the rename is atomic; readers of the catalog skip names starting with '.')."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def publish(temporary: UPath, final: UPath):
+    """Move a completely written file to its final name: an atomic rename on local disks; on object
+    stores a copy then a delete (the final object appears whole or not at all)."""
+    if is_local(final):
+        os.replace(Path(temporary.path), Path(final.path))
+    else:
+        final.fs.mv(temporary.path, final.path)
+
+
+def remove_file(path: UPath):
+    """Delete one file if it exists (a temporary file of a write that failed)."""
+    try:
+        path.fs.rm_file(path.path)
+    except FileNotFoundError:
+        pass
 
 
 def read_footer(path: UPath) -> pq.FileMetaData:

@@ -27,7 +27,7 @@ from distributed import Client, LocalCluster
 from hats.catalog import TableProperties
 from upath import UPath
 
-from hats_margin import collection, notify, runner
+from hats_margin import artifact, collection, notify, runner
 from hats_margin.arguments import MarginCacheArguments
 from hats_margin.errors import ArgumentError, OutputExistsError, StageFailedError
 from hats_margin.io import margin_write_kwargs, output_file, read_json, remove_tree
@@ -160,6 +160,7 @@ def _run(args: MarginCacheArguments, client: Client) -> MarginCacheResult:
                 summary = finishing.finish(plan, {t.pixel: t.expected_rows for t in reduce_tasks})
                 bar.update(1)
                 finishing.clean_up(plan)
+                _publish(plan)
             except Exception as exc:
                 raise StageFailedError("finishing", {"finishing": exc}, hint) from exc
             bar.update(1)
@@ -180,40 +181,72 @@ def _run(args: MarginCacheArguments, client: Client) -> MarginCacheResult:
 
 
 def _prepare_output(plan, lock: OutputLock) -> bool | str:
-    """Decide what to do with what is already at the output. Returns True when resuming, and
-    _COMPLETE when a dead run with the same values had already written the whole catalog."""
+    """Decide what to do with what is already at the output, and where to build (sets
+    ``plan.build_path``). Returns True when resuming, and _COMPLETE when a dead run with the same
+    values had already written the whole catalog.
+
+    Without overwrite only a directory a run of ours claimed (artifact.claim) is cleared or
+    resumed into. With overwrite, old contents (a valid catalog, files not ours) stay in place
+    until the new catalog, built in a claimed staging directory, is complete (artifact.swap_in)."""
     args, target = plan.args, plan.args.catalog_path
-    names = set()
+    staging = target / artifact.STAGING_NAME
+    current = fingerprint_digest(plan.fingerprint)
     for path in target.iterdir():
         if _OUR_TEMP.match(path.name):
             path.unlink(missing_ok=True)  # a lock write cut short by a crash
-        else:
-            names.add(path.name)
-    if _is_valid_properties(target):
-        if args.resume and _written_by_same_run(plan, lock):
+    finished = artifact.recover_swap(target)
+    if finished and args.resume and finished.get("fingerprint") == current:
+        return _COMPLETE
+    staged = artifact.owner(staging)
+    names = artifact.entries(target) - {artifact.OWNER_NAME} - ({artifact.STAGING_NAME} if staged else set())
+    ours = artifact.owner(target) is not None and names <= _OUR_NAMES
+    valid = _is_valid_properties(target)
+    if valid or (names and not ours):
+        if staged and args.resume and staged.get("fingerprint") == current and _is_valid_properties(staging):
+            plan.build_path = staging
+            return _COMPLETE
+        if valid and not staged and args.resume and _written_by_same_run(plan, lock):
             return _COMPLETE
         if not args.overwrite:
-            raise OutputExistsError(
-                f"{target} already contains a valid catalog; pass overwrite=True (CLI: --overwrite) to "
-                "replace it, or choose another output_artifact_name"
-            )
-        _clear_artifact(target, names)
-        names = {LOCK_NAME}
-    foreign = sorted(names - _OUR_NAMES)
-    if foreign:
-        if not args.overwrite:
+            if valid:
+                raise OutputExistsError(
+                    f"{target} already contains a valid catalog; pass overwrite=True (CLI: --overwrite) to "
+                    "replace it, or choose another output_artifact_name"
+                )
+            foreign = sorted(names - _OUR_NAMES) or sorted(names)
             raise OutputExistsError(
                 f"{target} exists and holds files hats-margin did not write ({', '.join(foreign[:5])}); "
                 "choose another output_artifact_name, or pass overwrite=True to replace its contents"
             )
-        _clear_artifact(target, names)
+        logger.info("overwrite=True: the new catalog is built in %s; %s keeps its contents until it is complete",
+                    staging, target)
+        if not staged and staging.exists():
+            remove_tree(staging)  # not claimed: not a build of ours, but inside the artifact directory
+        plan.build_path = staging
+    else:
+        if staged:
+            artifact.remove_claimed(staging)  # a replacement whose old contents are gone
+        if artifact.owner(target) is None:
+            artifact.claim(target, current)  # empty: ours from now on, before anything is written
     resumed = prepare_intermediate(plan.layout, plan.fingerprint, args.resume)
     if not resumed:
-        for name in ("hats.properties", "properties", "dataset", "partition_info.csv"):
-            path = target / name
+        for name in ("hats.properties", "properties", "dataset", "partition_info.csv", "margin_sky_map.png"):
+            path = plan.build_path / name
             if path.exists():
                 remove_tree(path) if path.is_dir() else path.unlink()
+        artifact.claim(plan.build_path, current)
+    elif plan.build_path == staging and not staged:
+        artifact.claim(staging, current)
     return resumed
+
+
+def _publish(plan):
+    """The catalog is complete: swap it in if it was built beside old contents, else drop the claim."""
+    target = plan.args.catalog_path
+    if plan.build_path != target:
+        artifact.swap_in(target, plan.build_path)
+    else:
+        artifact.release(target)
 
 
 def _is_valid_properties(target: UPath) -> bool:
@@ -230,6 +263,8 @@ def _written_by_same_run(plan, lock: OutputLock) -> bool:
     recorded = read_json(plan.layout.run_file) or {}
     if recorded.get("fingerprint") == plan.fingerprint:
         return True
+    if (artifact.owner(plan.args.catalog_path) or {}).get("fingerprint") == fingerprint_digest(plan.fingerprint):
+        return True  # the claim of a run with these values that had not yet released it
     previous = lock.taken_over or {}
     return previous.get("phase") == "finishing" and previous.get("fingerprint") == fingerprint_digest(
         plan.fingerprint
@@ -239,14 +274,15 @@ def _written_by_same_run(plan, lock: OutputLock) -> bool:
 def _complete_earlier_run(plan, clock) -> MarginCacheResult:
     """Finish what a dead run with the same values left: its catalog is written, only the copy of
     the properties and the clean-up of the intermediate files may be missing."""
-    args, target = plan.args, plan.args.catalog_path
-    logger.info("%s was fully written by an earlier run with the same values; finishing its clean-up", target)
+    args, built, target = plan.args, plan.build_path, plan.args.catalog_path
+    logger.info("%s was fully written by an earlier run with the same values; finishing its clean-up", built)
     with clock("finishing"):
-        if not (target / "properties").exists():
-            (target / "properties").write_text((target / "hats.properties").read_text())
+        if not (built / "properties").exists():
+            (built / "properties").write_text((built / "hats.properties").read_text())
         if plan.layout.base.exists():
             prepare_intermediate(plan.layout, plan.fingerprint, resume=True)  # refuses what is not ours
             finishing.clean_up(plan)
+        _publish(plan)
         properties = TableProperties.read_from_dir(target)
         lines = (target / "partition_info.csv").read_text().split()[1:]
         pixels = [tuple(int(x) for x in line.split(",")) for line in lines]
@@ -262,15 +298,6 @@ def _complete_earlier_run(plan, clock) -> MarginCacheResult:
     )
     logger.info("%s", result.summary())
     return result
-
-
-def _clear_artifact(target: UPath, names: set[str]):
-    """Empty the artifact directory (ours to replace), keeping our lock. The properties go
-    first: a clearing cut short never leaves a valid-looking catalog over missing files."""
-    logger.info("overwrite=True: replacing the contents of %s", target)
-    for name in sorted(names - {LOCK_NAME}, key=lambda n: n not in ("hats.properties", "properties")):
-        path = target / name
-        remove_tree(path) if path.is_dir() else path.unlink()
 
 
 def _done_keys(directory: UPath) -> set[str]:
@@ -298,7 +325,7 @@ def _reduce_tasks(plan, map_results: dict[str, dict]) -> list[reducing.ReduceTas
                 pixel=dest,
                 sources=tuple((o, p) for o, p, _ in items),
                 expected_rows=sum(n for *_, n in items),
-                output_file=output_file(args.catalog_path, *dest, args.npix_suffix, args.npix_parquet_name),
+                output_file=output_file(plan.build_path, *dest, args.npix_suffix, args.npix_parquet_name),
                 schema=catalog.schema,
                 healpix_column=catalog.healpix_column,
                 write_kwargs=write_kwargs,

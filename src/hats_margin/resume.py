@@ -27,7 +27,7 @@ from pathlib import Path
 from upath import UPath
 
 from hats_margin.errors import OutputExistsError, OutputLockedError, ResumeMismatchError
-from hats_margin.io import TempLayout, is_local, read_json, remove_tree, write_json
+from hats_margin.io import TempLayout, is_local, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +77,14 @@ def prepare_intermediate(layout: TempLayout, fingerprint: dict, resume: bool) ->
 
 
 def discard_intermediate(layout: TempLayout):
-    """Delete the intermediate directory, run.json first: a deletion cut short leaves a directory
-    that is never resumed (markers whose shards are gone), only discarded again."""
-    layout.run_file.unlink(missing_ok=True)
-    remove_tree(layout.base)
+    """Delete what a run wrote in the intermediate directory, run.json first: a deletion cut short
+    leaves a directory that is never resumed (markers whose shards are gone), only discarded
+    again. Files a run does not write are kept, at every depth (TempLayout.remove)."""
+    kept = layout.remove()
+    if kept:
+        logger.warning(
+            "kept %d file(s) in %s that hats-margin did not write: %s", len(kept), layout.base, ", ".join(kept[:5])
+        )
 
 
 _TEMP_JSON = re.compile(r"^\.run\.json\.\d+\.tmp$")

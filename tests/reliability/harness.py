@@ -218,6 +218,8 @@ def snapshot(run: Run) -> dict:
         "reduce_markers": count(run.base / "reducing"),
         "shards": count(run.base / "shards", "*/*.arrow"),
         "margin_files": count(target / "dataset", "Norder=*/Dir=*/Npix=*"),
+        # a margin file being written (published under its final name only when complete)
+        "margin_temps": count(target / "dataset", "Norder=*/Dir=*/.Npix=*.tmp"),
         "metadata": (target / "dataset" / "_metadata").exists(),
         "partition_info": (target / "partition_info.csv").exists(),
         "properties_tmp": (target / ".hats.properties.tmp").exists(),
@@ -229,7 +231,7 @@ def snapshot(run: Run) -> dict:
 def stage_of(state: dict) -> str:
     if state["hats_properties"] or state["properties_tmp"] or state["partition_info"] or state["metadata"]:
         return "finishing"
-    if state["reduce_markers"] or state["margin_files"]:
+    if state["reduce_markers"] or state["margin_files"] or state["margin_temps"]:
         return "reducing"
     if state["map_markers"] or state["shards"]:
         return "mapping"

@@ -23,6 +23,7 @@ package. Points (``:N`` = at the N-th occurrence); the map/reduce points need ``
     after-properties      finishing: hats.properties and properties written, before clean-up
     mid-clean-up:N        finishing: after N files/directories of the intermediate were deleted
     after-clean-up        clean-up done, before the lock is released
+    mid-swap:N            overwrite: after the N-th move of the swap of the new catalog into place
 
 ``--sleep-at POINT=SECONDS``: pause there instead (e.g. to hold the output lock while a test
 starts a second run). Prints ``READY`` when it starts sleeping and ``RESULT {json}`` on success.
@@ -67,7 +68,7 @@ def after(owner, name: str, nth: int = 1, action=None):
 def install(point: str, action=None):
     from hats.catalog import TableProperties
 
-    from hats_margin import io
+    from hats_margin import artifact, io
     from hats_margin.stages import finishing, mapping, planning, reducing
 
     pipeline = importlib.import_module("hats_margin.orchestrator")
@@ -123,13 +124,17 @@ def install(point: str, action=None):
                         rmdir(os.path.join(root, folder))
                 rmdir(path)
 
-            shutil.rmtree = slow_rmtree
+            # the clean-up deletes entry by entry itself (TempLayout.remove): count those too
+            os_unlink, os_rmdir = os.unlink, os.rmdir
+            shutil.rmtree, os.unlink, os.rmdir = slow_rmtree, unlink, rmdir
             try:
                 clean_up(plan)
             finally:
-                shutil.rmtree = shutil_rmtree
+                shutil.rmtree, os.unlink, os.rmdir = shutil_rmtree, os_unlink, os_rmdir
 
         finishing.clean_up = dying_clean_up
+    elif name == "mid-swap":
+        after(artifact, "_move", nth, action)
     elif name == "after-clean-up":
         after(finishing, "clean_up", nth, action)
     else:

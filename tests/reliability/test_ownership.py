@@ -4,10 +4,11 @@ is never modified (the ``source_copy`` fixture checksums it around every test)."
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import pytest
-from harness import NAME, Run, assert_same_margin, tree_digest
+from harness import NAME, Run, assert_same_margin, finish, spawn, tree_digest
 from hats.io.validation import is_valid_catalog
 
 from hats_margin import OutputExistsError, StageFailedError, pipeline_with_client
@@ -94,4 +95,152 @@ def test_failed_run_leaves_no_catalog_and_says_how_to_resume(client, copy_catalo
     with pytest.raises(StageFailedError, match=r"(?s)Fix the cause and run again with the same arguments to resume"):
         pipeline_with_client(run.args(), client)
     assert not is_valid_catalog(str(run.target))
-    assert {p.name for p in run.target.iterdir()} <= {"intermediate", "dataset"}
+    assert {p.name for p in run.target.iterdir()} <= {"intermediate", "dataset", ".hats-margin-owner"}
+
+
+# ------------------------------------------------------------------ issue 13 item 2: only what a run of ours claimed
+def test_directory_that_only_looks_like_ours_is_never_cleared(client, source_copy, tmp_path):
+    """`mkdir -p u/mydata/dataset; echo precious > u/mydata/dataset/notes.txt` then a build into
+    u/mydata deleted notes.txt: entries with our names are not proof that a run of ours wrote them."""
+    run = Run(source_copy, tmp_path / "u")
+    (run.target / "dataset").mkdir(parents=True)
+    (run.target / "dataset" / "notes.txt").write_text("precious")
+    (run.target / "partition_info.csv").write_text("mine\n")
+    before = tree_digest(run.target)
+    for resume in (True, False):
+        with pytest.raises(OutputExistsError, match=r"holds files hats-margin did not write \(dataset, partition_info"):
+            pipeline_with_client(run.args(resume=resume), client)
+    assert tree_digest(run.target) == before
+    assert sorted(p.name for p in run.target.iterdir()) == ["dataset", "partition_info.csv"]
+
+
+def test_hats_import_margin_with_a_missing_key_is_not_replaced(client, source_copy, reference_margins, tmp_path):
+    """A margin whose properties lack one key is not a valid catalog, but it is not ours either."""
+    run = Run(source_copy, tmp_path / "out")
+    shutil.copytree(reference_margins / "small_sky_source_catalog_3600arcs", run.target)
+    for name in ("hats.properties", "properties"):
+        path = run.target / name
+        if path.exists():
+            path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                                    if not line.startswith("hats_margin_threshold=")))
+    before = tree_digest(run.target)
+    with pytest.raises(OutputExistsError, match="holds files hats-margin did not write"):
+        pipeline_with_client(run.args(), client)
+    assert tree_digest(run.target) == before
+
+
+def test_empty_directory_is_claimed_and_the_claim_released_at_the_end(client, baselines, source_copy, tmp_path):
+    run = Run(source_copy, tmp_path / "out")
+    run.target.mkdir(parents=True)
+    pipeline_with_client(run.args(), client)
+    assert_same_margin(run.target, baselines(False))
+    assert sorted(p.name for p in run.target.iterdir()) == ["dataset", "hats.properties", "partition_info.csv",
+                                                            "properties"]
+
+
+# ------------------------------------------------------------------ issue 13 item 3: the old catalog survives
+def catalog_digest(target) -> dict:
+    """The catalog's own files (not our staging directory, lock or intermediate files)."""
+    return {str(p.relative_to(target)): p.read_bytes() for p in sorted(target.rglob("*"))
+            if p.is_file() and not p.relative_to(target).parts[0].startswith((".hats-margin", "intermediate"))}
+
+
+def test_failed_overwrite_keeps_the_old_catalog(client, baselines, copy_catalog, tmp_path):
+    """--overwrite deleted the old catalog before the new one existed: a failing input left neither."""
+    source_copy = copy_catalog("small_sky_source_catalog")
+    run = Run(source_copy, tmp_path / "out")
+    pipeline_with_client(run.args(margin_threshold=1800.0), client)
+    old = catalog_digest(run.target)
+    bad = source_copy.joinpath(*BAD_PARTITION)
+    saved = tmp_path / "saved.parquet"
+    shutil.copyfile(bad, saved)
+    bad.write_bytes(b"garbage")
+    for resume in (True, False):
+        with pytest.raises(StageFailedError):
+            pipeline_with_client(run.args(overwrite=True, resume=resume), client)
+        assert catalog_digest(run.target) == old
+        assert is_valid_catalog(str(run.target), strict=True)
+    shutil.copyfile(saved, bad)
+    result = pipeline_with_client(run.args(overwrite=True), client)
+    assert result.skipped_tasks["mapping"] == 13  # the staged build resumed
+    assert_same_margin(run.target, baselines(False))
+    assert sorted(p.name for p in run.target.iterdir()) == ["dataset", "hats.properties", "partition_info.csv",
+                                                            "properties"]
+
+
+def test_overwrite_of_files_not_ours_replaces_them_only_at_the_end(client, baselines, copy_catalog, tmp_path):
+    source_copy = copy_catalog("small_sky_source_catalog")
+    run = Run(source_copy, tmp_path / "out")
+    run.target.mkdir(parents=True)
+    (run.target / "thesis.tex").write_text("years of work")
+    source_copy.joinpath(*BAD_PARTITION).write_bytes(b"garbage")
+    with pytest.raises(StageFailedError):
+        pipeline_with_client(run.args(overwrite=True), client)
+    assert (run.target / "thesis.tex").read_text() == "years of work"
+
+
+# ------------------------------------------------------------------ issue 13 item 4: every depth
+USERS_FILES = ("shards/notes.txt", "shards/2_176/notes.txt", "mapping/mine/deep.txt", "reducing/0_4.json.bak")
+
+
+def put_users_files(base):
+    for relative in USERS_FILES:
+        path = base / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+
+
+def assert_users_files_kept(base):
+    for relative in USERS_FILES:
+        assert (base / relative).read_text() == "mine", relative
+    leftovers = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
+    assert leftovers == sorted(USERS_FILES), "only the user's files may be left"
+
+
+def test_users_files_deep_in_the_intermediate_directory_are_kept(client, baselines, copy_catalog, tmp_path, caplog):
+    """Ownership was checked on top-level names only: a user's file in tmp_dir/<name>/intermediate/shards/
+    was deleted by the clean-up and by resume=False."""
+    source_copy = copy_catalog("small_sky_source_catalog")
+    run = Run(source_copy, tmp_path / "out", tmp_dir=tmp_path / "tmp")
+    bad = source_copy.joinpath(*BAD_PARTITION)
+    saved = tmp_path / "saved.parquet"
+    shutil.copyfile(bad, saved)
+    bad.write_bytes(b"garbage")
+    with pytest.raises(StageFailedError):
+        pipeline_with_client(run.args(), client)
+    put_users_files(run.base)
+    with pytest.raises(StageFailedError):  # resume=False discards the run's files, not the user's
+        pipeline_with_client(run.args(resume=False), client)
+    assert all((run.base / relative).read_text() == "mine" for relative in USERS_FILES)
+    shutil.copyfile(saved, bad)
+    caplog.set_level(logging.WARNING, logger="hats_margin")
+    pipeline_with_client(run.args(), client)  # success: the clean-up keeps them too
+    assert_same_margin(run.target, baselines(False))
+    assert_users_files_kept(run.base)
+    assert any("kept 4 file(s)" in r.message and "hats-margin did not write" in r.message for r in caplog.records)
+
+
+# ------------------------------------------------------------------ issue 13 item 3: SIGKILL inside the swap
+SWAP_POINTS = [
+    pytest.param(2, id="old-half-aside"),
+    pytest.param(6, id="new-half-in"),
+    pytest.param(4, id="old-all-aside", marks=pytest.mark.slow),
+    pytest.param(8, id="all-moved", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("moves", SWAP_POINTS)
+def test_overwrite_killed_inside_the_swap_is_completed_by_the_rerun(client, baselines, source_copy, sentinels,
+                                                                     tmp_path, moves):
+    """A real SIGKILL of an overwrite run after its n-th swap move: neither catalog is lost, and the
+    same command run again puts the new catalog in place without rebuilding it."""
+    run = Run(source_copy, tmp_path / "out", extra={"overwrite": True})
+    pipeline_with_client(run.args(margin_threshold=1800.0), client)  # the old catalog
+    finish(spawn(run, tmp_path / "run.log", threads=True, die_at=f"mid-swap:{moves}"), killed=True)
+    names = {p.name for p in run.target.iterdir()}
+    assert {".hats-margin-new", ".hats-margin-old"} <= names  # both catalogs are on disk
+    result = pipeline_with_client(run.args(), client)
+    assert result.skipped_tasks == {"mapping": 14, "reducing": len(result.pixels)}  # not rebuilt
+    assert_same_margin(run.target, baselines(False))
+    assert sorted(p.name for p in run.target.iterdir()) == ["dataset", "hats.properties", "partition_info.csv",
+                                                            "properties"]

@@ -20,11 +20,11 @@ from hats.pixel_math.healpix_pixel_function import sort_pixels
 
 from hats_margin._version import __version__
 from hats_margin.io import (
+    canonical_path,
     is_local,
     iter_files_size,
     output_file,
     read_footer,
-    remove_tree,
     write_metadata_files,
 )
 
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 def finish(plan, pixel_rows: dict[tuple[int, int], int]) -> dict:
     """Write the catalog-level files; returns a summary."""
     args, catalog = plan.args, plan.catalog
-    target = args.catalog_path
+    target = plan.build_path
     pixels = sort_pixels([HealpixPixel(o, p) for (o, p), n in pixel_rows.items() if n > 0])
     files = [output_file(target, p.order, p.pixel, args.npix_suffix, args.npix_parquet_name) for p in pixels]
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -60,7 +60,7 @@ def finish(plan, pixel_rows: dict[tuple[int, int], int]) -> dict:
 def _properties(plan, pixels, total_rows) -> TableProperties:
     args, catalog = plan.args, plan.catalog
     sky_fraction = round(sum(4.0 ** -p.order for p in pixels) / 12.0, 5)
-    size_kb = int(sum(iter_files_size(args.catalog_path / "dataset")) / 1024)
+    size_kb = int(sum(iter_files_size(plan.build_path / "dataset")) / 1024)
     values = {
         "catalog_name": args.output_artifact_name,
         "catalog_type": "margin",
@@ -69,7 +69,8 @@ def _properties(plan, pixels, total_rows) -> TableProperties:
         "dec_column": catalog.properties.dec_column,
         "healpix_column": catalog.healpix_column,
         "healpix_order": int(catalog.healpix_order),
-        "primary_catalog": str(catalog.path),
+        # absolute (links kept as given), so that it resolves the same from any working directory
+        "primary_catalog": canonical_path(catalog.path, resolve_links=False),
         "margin_threshold": float(plan.threshold_arcsec),
         "npix_suffix": args.npix_suffix,
         "moc_sky_fraction": sky_fraction,
@@ -102,9 +103,14 @@ def _write_properties_last(properties: TableProperties, target):
 
 
 def clean_up(plan):
-    """Remove this run's intermediate directory (and its tmp_dir/<name> parent if left empty)."""
+    """Remove what this run wrote in its intermediate directory (the directory too, and its
+    tmp_dir/<name> parent, when nothing else is left in them)."""
     base = plan.layout.base
-    remove_tree(base)
+    kept = plan.layout.remove()  # only what a run writes there, at every depth
+    if kept:
+        logger.warning(
+            "kept %d file(s) in %s that hats-margin did not write: %s", len(kept), base, ", ".join(kept[:5])
+        )
     parent = base.parent
     if parent != plan.args.catalog_path and parent.exists() and not any(parent.iterdir()):
         parent.rmdir()

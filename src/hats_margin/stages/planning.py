@@ -24,11 +24,13 @@ from hats_margin.errors import ArgumentError, InputCatalogError
 from hats_margin.io import (
     TempLayout,
     as_upath,
+    canonical_path,
     is_local,
     leaf_files,
     leaf_path,
     list_leaves,
     lists_partitions,
+    path_relation,
     read_input_schema,
 )
 from hats_margin.resume import digest
@@ -64,6 +66,13 @@ class Plan:
     layout: TempLayout
     fingerprint: dict
     map_tasks: list[MapTask] = field(default_factory=list)
+    build_path: UPath | None = None
+    """Where the catalog is written: the artifact directory, or the staging directory inside it
+    when overwrite replaces old contents (set when the output is prepared)."""
+
+    def __post_init__(self):
+        if self.build_path is None:
+            self.build_path = self.args.catalog_path
 
 
 def make_plan(args: MarginCacheArguments) -> Plan:
@@ -157,33 +166,38 @@ def check_output_location(args: MarginCacheArguments, input_path: UPath):
             f"the output {args.catalog_path} (output_path/output_artifact_name) is a file; choose another "
             "output_artifact_name"
         )
-    for name, inner in (("tmp_dir", args.tmp_base), ("dask_tmp", args.dask_tmp)):
-        if getattr(args, name) is None:
-            continue
-        _check_writable_directory(name, as_upath(getattr(args, name)))
-        inner = as_upath(inner)
-        if is_local(inner) and is_local(input_path):
-            inner_p, input_p = Path(inner.path).resolve(), Path(input_path.path).resolve()
-            if inner_p == input_p or inner_p.is_relative_to(input_p):
-                raise ArgumentError(
-                    f"{name} {getattr(args, name)} is inside the input catalog {input_path}: hats-margin never "
-                    f"writes into its input; choose a {name} outside it"
-                )
+    for name in ("tmp_dir", "dask_tmp"):
+        if getattr(args, name) is not None:
+            _check_writable_directory(name, as_upath(getattr(args, name)))
+    # one relation check for every store (local, s3://, ...), with and without overwrite: the
+    # artifact directory and the intermediate files are deleted or replaced, the input never
+    for name, path, refused in (
+        ("tmp_dir", args.tmp_base if args.tmp_dir is not None else None, ("same", "inside", "contains")),
+        ("dask_tmp", args.dask_tmp, ("same", "inside")),  # workers' scratch: never deleted by us
+    ):
+        if path is not None and path_relation(path, input_path) in refused:
+            raise ArgumentError(
+                f"{name} {getattr(args, name)} overlaps the input catalog {input_path} (intermediate files in "
+                f"{path}): hats-margin never writes into its input; choose a {name} outside it"
+            )
     target = args.catalog_path
-    if is_local(target) and is_local(input_path):
-        target_p, input_p = Path(target.path).resolve(), Path(input_path.path).resolve()
-        if target_p == input_p or target_p.is_relative_to(input_p):
-            raise ArgumentError(
-                f"the output {target} is inside the input catalog {input_path}; choose an output_path "
-                "outside the input"
-            )
-        if input_p.is_relative_to(target_p):
-            raise ArgumentError(
-                f"the input catalog {input_path} is inside the output directory {target}; choose another "
-                "output_artifact_name or output_path"
-            )
-    elif str(target).rstrip("/").startswith(str(input_path).rstrip("/") + "/"):
-        raise ArgumentError(f"the output {target} is inside the input catalog {input_path}")
+    relation = path_relation(target, input_path)
+    if relation in ("same", "inside"):
+        where = "the same directory as" if relation == "same" else "inside"
+        raise ArgumentError(
+            f"the output {target} (output_path/output_artifact_name) is {where} the input catalog "
+            f"{input_path}; choose an output_path outside the input"
+        )
+    if relation == "contains":
+        raise ArgumentError(
+            f"the input catalog {input_path} is inside the output directory {target} "
+            "(output_path/output_artifact_name); choose another output_artifact_name or output_path"
+        )
+    if args.tmp_dir is None and args.dask_tmp is not None and path_relation(args.tmp_base, input_path):
+        raise ArgumentError(
+            f"dask_tmp {args.dask_tmp} would put the intermediate files {args.tmp_base} in the input catalog "
+            f"{input_path}; choose a tmp_dir outside it"
+        )
 
 
 def _check_writable_directory(name: str, path: UPath):
@@ -227,11 +241,11 @@ def resolve_margin_order(args: MarginCacheArguments, catalog: InputCatalog) -> i
 
 def make_fingerprint(args: MarginCacheArguments, catalog: InputCatalog, margin_order: int) -> dict:
     return {
-        "input_catalog_path": str(catalog.path),
+        "input_catalog_path": canonical_path(catalog.path),
         "input_partitions": digest(sorted(catalog.partitions)),
         "input_rows": catalog.properties.total_rows,
         "input_schema": digest(catalog.schema.to_string(show_schema_metadata=False)),
-        "output": str(args.catalog_path),
+        "output": canonical_path(args.catalog_path),
         "margin_threshold": float(args.margin_threshold),
         "margin_order": int(margin_order),
         "fine_filtering": bool(args.fine_filtering),

@@ -3,6 +3,9 @@
 Source partitions cover disjoint spatial-index ranges, so sorting each shard and writing
 the shards in range order gives a file sorted by the spatial index, with memory bounded
 by one shard plus one row group.
+
+The file is written under a temporary name beside its final one and renamed only when it
+holds every row: a failing reduce never truncates or half-writes a published file.
 """
 
 from __future__ import annotations
@@ -12,7 +15,16 @@ from dataclasses import dataclass
 import pyarrow as pa
 from upath import UPath
 
-from hats_margin.io import MarginFileWriter, TempLayout, read_json, read_shard, write_json
+from hats_margin.io import (
+    MarginFileWriter,
+    TempLayout,
+    publish,
+    read_json,
+    read_shard,
+    remove_file,
+    temporary_sibling,
+    write_json,
+)
 
 
 @dataclass(frozen=True)
@@ -29,12 +41,14 @@ class ReduceTask:
 
 
 def reduce_pixel(task: ReduceTask) -> dict:
+    """Write one margin pixel's file from its shards (skipped if its done marker says so)."""
     marker = task.layout.reduce_marker(*task.pixel)
     done = read_json(marker)
     if done is not None and done.get("rows") == task.expected_rows:
         return done
+    temporary = temporary_sibling(task.output_file)
     try:
-        writer = MarginFileWriter(task.output_file, task.schema, task.write_kwargs)
+        writer = MarginFileWriter(temporary, task.schema, task.write_kwargs)
         try:
             for source in task.sources:
                 shard = read_shard(task.layout.shard(*task.pixel, *source))
@@ -45,7 +59,9 @@ def reduce_pixel(task: ReduceTask) -> dict:
             raise RuntimeError(
                 f"margin pixel {task.key}: wrote {writer.rows} rows, the map stage sent {task.expected_rows}"
             )
+        publish(temporary, task.output_file)
     except Exception as exc:
+        remove_file(temporary)
         exc.add_note(f"hats-margin: while reducing margin pixel Norder={task.pixel[0]}/Npix={task.pixel[1]}")
         raise
     payload = {"pixel": list(task.pixel), "rows": writer.rows}
