@@ -40,8 +40,8 @@ def run(capsys, *argv):
         (10, "10arcs"),
         (5.5, "5arcs"),
         (1, "1arcs"),
-        (0.5, "500msec"),
-        (0.001, "1msec"),
+        (0.5, "500mas"),
+        (0.001, "1mas"),
     ],
 )
 def test_pretty_angle(arcsec, expected):
