@@ -134,3 +134,11 @@ def test_guarded_script_runs_pipeline_on_two_worker_processes(tmp_path):
 def test_guard_check_accepts_interactive_and_guarded_callers():
     runner.check_main_guard()  # pytest's own __main__ calls us from functions, not module level
     assert issubclass(ScriptGuardError, RuntimeError)
+
+
+def test_run_warns_when_the_margin_would_outgrow_its_primary(client, catalogs, tmp_path):
+    from hats_margin import pipeline_with_client
+
+    with pytest.warns(UserWarning, match=r"the margin will hold about [\d,]+ rows, more than the primary's 17,161"):
+        result = pipeline_with_client(_args(catalogs, tmp_path, margin_threshold="5deg"), client)
+    assert result.total_rows > 17161, "the estimate was right: the margin is larger than the primary"
