@@ -6,12 +6,15 @@ Timing targets are measured by benchmarks/startup.py, not here.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import distributed
+import numpy as np
 import pytest
 
 from hats_margin import MarginCacheArguments, OutputExistsError, ScriptGuardError, pipeline, runner
@@ -142,3 +145,35 @@ def test_run_warns_when_the_margin_would_outgrow_its_primary(client, catalogs, t
     with pytest.warns(UserWarning, match=r"the margin will hold about [\d,]+ rows, more than the primary's 17,161"):
         result = pipeline_with_client(_args(catalogs, tmp_path, margin_threshold="5deg"), client)
     assert result.total_rows > 17161, "the estimate was right: the margin is larger than the primary"
+
+
+@pytest.fixture(scope="module")
+def many_partitions(tmp_path_factory):
+    """An all-sky catalog of many small partitions: a run long enough to interrupt."""
+    from hats_margin.synthetic import points_table, write_hats_catalog
+
+    rng = np.random.default_rng(5)
+    n = 100_000
+    ra, dec = rng.uniform(0, 360, n), np.degrees(np.arcsin(rng.uniform(-1, 1, n)))
+    path = tmp_path_factory.mktemp("interrupt") / "many"
+    return write_hats_catalog(points_table(ra, dec), path, catalog_name="many", max_rows_per_partition=400,
+                              highest_order=5)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_prints_only_the_clean_message(many_partitions, tmp_path, workers):
+    """SIGINT to the whole process group (what Ctrl-C does) once mapping has started."""
+    command = [sys.executable, "-m", "hats_margin", "build", str(many_partitions), str(tmp_path), "--threshold",
+               "1800", "--workers", workers, "--no-progress"]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - a plain reset
+    )
+    mapping = tmp_path / "many_30arcmin" / "intermediate" / "mapping"
+    deadline = time.monotonic() + 120
+    while not mapping.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, (out, err)
+    assert err == "hats-margin: error: interrupted; run the same command again to resume where it stopped\n"

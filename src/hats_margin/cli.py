@@ -414,7 +414,6 @@ def _main(opts) -> int:
             traceback.print_exc()
         return _error(str(exc), 2)
     except KeyboardInterrupt:
-        logging.getLogger("distributed").setLevel(logging.CRITICAL)  # no shutdown noise after the message
         return _error("interrupted; run the same command again to resume where it stopped", 130)
     except Exception as exc:  # noqa: BLE001 - one line, unless --verbose
         if opts.verbose:

@@ -167,9 +167,18 @@ def local_client(n_workers: int, threads_per_worker: int, local_directory, clock
             client = stack.enter_context(Client(cluster))
         try:
             yield client
+        except KeyboardInterrupt:
+            _quiet_dask_logs()  # its tasks are cancelled: no shutdown warnings under the user's message
+            raise
         finally:
             with clock("cluster stop"):
                 stack.close()
+
+
+def _quiet_dask_logs():
+    for name in list(logging.root.manager.loggerDict):
+        if name == "distributed" or name.startswith("distributed."):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 @contextmanager
