@@ -150,8 +150,8 @@ class MarginCacheArguments:
             raise ArgumentError(
                 f"margin_order={order} cells are narrower ({coarse_reach_arcsec(order):.4g} arcsec) than "
                 f"margin_threshold={threshold:g} arcsec: a coarse margin at this order would miss rows closer "
-                f"than the threshold. Use margin_order <= {coarse_order_for_threshold(threshold)}, or "
-                "fine_filtering=True (exact at any order), or give no margin_threshold to record the "
+                f"than the threshold. Use margin_order <= {coarse_order_for_threshold(threshold)}; or "
+                "fine_filtering=True, exact at any order; or give no margin_threshold to record the "
                 f"{coarse_reach_arcsec(order):.4g} arcsec this order honours"
             )
         if self.fine_filtering and ring_reach_arcsec(order) * 4 < threshold:

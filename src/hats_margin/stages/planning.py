@@ -205,8 +205,9 @@ def estimate_margin_rows(plan: Plan) -> int:
     partitions by row count) spread uniformly over its area; its margin gets the rows of the
     band around it, estimated by treating the partition as a spherical cap of the same area:
     ``rows x (area of the cap grown by the width - cap area) / cap area``. The width is the
-    threshold (exact) or one ``margin_order`` cell (coarse: whole cells are kept). Good to a
-    factor of ~2, which is what the "more rows than the primary" warning needs.
+    threshold (exact) or one ``margin_order`` cell (coarse: whole cells are kept). Within a factor
+    of ~3 (bundled sample at 10": 10 estimated, 24 written; 200k-row all-sky at 600": 13,947 and
+    19,465), which is what the "more rows than the primary" warning needs.
     """
     catalog = plan.catalog
     total = catalog.properties.total_rows or 0
