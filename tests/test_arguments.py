@@ -75,12 +75,14 @@ def test_patterns_match_the_whole_value(tmp_path, kwargs, message):
         ({"output_artifact_name": "a b"}, "contains invalid characters"),
         ({"output_artifact_name": ".."}, "contains invalid characters"),
         ({"output_artifact_name": "a\\b"}, "contains invalid characters"),
-        ({"margin_threshold": 0}, "margin_threshold must be a finite number of arcseconds > 0, got 0.0"),
-        ({"margin_threshold": -5}, "margin_threshold must be a finite number of arcseconds > 0"),
+        ({"margin_threshold": 0}, "margin_threshold must be a finite angle > 0 (arcseconds unless a unit is given), got 0"),
+        ({"margin_threshold": -5}, "margin_threshold must be a finite angle > 0"),
         ({"margin_threshold": math.nan}, "got nan"),
         ({"margin_threshold": math.inf}, "got inf"),
-        ({"margin_threshold": "5"}, "margin_threshold must be a number of arcseconds, not str '5'"),
-        ({"margin_threshold": True}, "margin_threshold must be a number of arcseconds"),
+        ({"margin_threshold": "5 parsec"}, "margin_threshold '5 parsec' is not an angle: write it like 10 (arcsec)"),
+        ({"margin_threshold": [5]}, "margin_threshold must be an angle like"),
+        ({"margin_threshold": True}, "margin_threshold must be an angle like"),
+        ({"margin_threshold": 1, "allow_extreme_threshold": "yes"}, "allow_extreme_threshold must be True or False"),
         ({"margin_order": 30}, "margin_order must be between 0 and 29, got 30"),
         ({"margin_order": -2}, "margin_order must be between 0 and 29, got -2"),
         ({"margin_order": 3.5}, "margin_order must be an integer"),
@@ -128,10 +130,19 @@ def test_order_alone_in_exact_mode_keeps_default_threshold(tmp_path):
     assert args.margin_threshold == 5.0 and args.margin_order == 8
 
 
-def test_conflicting_order_in_coarse_mode_warns_and_keeps_both(tmp_path):
-    with pytest.warns(UserWarning, match="margin_order=14 cells are narrower"):
-        args = make(tmp_path, margin_threshold=60, margin_order=14, fine_filtering=False)
-    assert (args.margin_threshold, args.margin_order) == (60.0, 14)
+def test_coarse_order_narrower_than_the_threshold_is_refused_naming_the_order_that_works(tmp_path):
+    # issue 10 section 3: --threshold 60 --order 12 --coarse wrote a margin 15,267 rows short
+    with pytest.raises(ArgumentError) as info:
+        make(tmp_path, margin_threshold=60, margin_order=14, fine_filtering=False)
+    message = str(info.value)
+    assert "margin_order=14 cells are narrower" in message
+    assert "Use margin_order <= 11" in message and "fine_filtering=True" in message
+    assert f"give no margin_threshold to record the {coarse_reach_arcsec(14):.4g} arcsec" in message
+
+
+def test_coarse_order_alone_records_the_threshold_it_honours(tmp_path):
+    args = make(tmp_path, margin_order=14, fine_filtering=False)
+    assert args.margin_threshold == pytest.approx(coarse_reach_arcsec(14)) and args.margin_threshold < 60
 
 
 def test_too_fine_order_in_exact_mode_warns_about_speed(tmp_path):
@@ -145,3 +156,44 @@ def test_consistent_order_does_not_warn(tmp_path):
         warnings.simplefilter("error")
         make(tmp_path, margin_threshold=10, margin_order=12, fine_filtering=False)
         make(tmp_path, margin_threshold=10, margin_order=13)
+
+
+@pytest.mark.parametrize(
+    ("value", "arcsec"),
+    [(10, 10.0), ("10", 10.0), ("10arcsec", 10.0), ('10"', 10.0), ("1.5arcmin", 90.0), ("1.5'", 90.0),
+     ("1deg", 3600.0), ("1d", 3600.0), ("500mas", 0.5), (" 2.5 arcsec ", 2.5), ("1e-3deg", 3.6)],
+)
+def test_threshold_units(tmp_path, value, arcsec):
+    args = make(tmp_path, margin_threshold=value)
+    assert args.margin_threshold == pytest.approx(arcsec) and isinstance(args.margin_threshold, float)
+
+
+def test_threshold_from_an_astropy_quantity(tmp_path):
+    import astropy.units as u
+
+    assert make(tmp_path, margin_threshold=0.5 * u.arcmin).margin_threshold == pytest.approx(30.0)
+    assert make(tmp_path, margin_threshold=10 * u.arcsec).margin_order == 13
+    with pytest.raises(ArgumentError, match=r"margin_threshold .* is not an angle \(unit m\)"):
+        make(tmp_path, margin_threshold=3 * u.m)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0.0028, "margin_threshold 0.0028 arcsec (2.8 mas) is below 0.01 arcsec; did you mean 0.0028 deg = 10.08 arcsec"),
+        (50000, "margin_threshold 50000 arcsec (13.89 deg) is above 10 deg; did you mean 50000 mas = 50 arcsec?"),
+        ("11deg", "margin_threshold 39600 arcsec (11 deg) is above 10 deg"),
+    ],
+)
+def test_extreme_threshold_needs_confirmation_and_names_the_unit_mistake(tmp_path, value, expected):
+    with pytest.raises(ArgumentError) as info:
+        make(tmp_path, margin_threshold=value)
+    assert str(info.value).startswith(expected)
+    assert "pass allow_extreme_threshold=True to confirm" in str(info.value)
+    confirmed = make(tmp_path, margin_threshold=value, allow_extreme_threshold=True)
+    assert confirmed.margin_threshold == pytest.approx(float(value) if not isinstance(value, str) else 39600.0)
+
+
+def test_thresholds_at_the_confirmation_limits_need_none(tmp_path):
+    assert make(tmp_path, margin_threshold=0.01).margin_threshold == 0.01
+    assert make(tmp_path, margin_threshold="10deg").margin_threshold == 36000.0

@@ -213,7 +213,7 @@ def test_schema_differs_between_partitions(client, source, out, change):
 
 
 # --------------------------------------------------------------------------- argument values
-@pytest.mark.parametrize("threshold", [0, -5.0, math.nan, math.inf, -math.inf, "10", True])
+@pytest.mark.parametrize("threshold", [0, -5.0, math.nan, math.inf, -math.inf, "10 parsec", "-10arcsec", True])
 def test_bad_threshold(tmp_path, threshold):
     with pytest.raises(ArgumentError, match="margin_threshold"):
         make_args(tmp_path / "in", tmp_path / "out", margin_threshold=threshold)

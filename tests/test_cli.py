@@ -43,8 +43,8 @@ def run(capsys, *argv):
         (10, "10arcs"),
         (5.5, "5arcs"),
         (1, "1arcs"),
-        (0.5, "500msec"),
-        (0.001, "1msec"),
+        (0.5, "500mas"),
+        (0.001, "1mas"),
     ],
 )
 def test_pretty_angle(arcsec, expected):
@@ -195,7 +195,8 @@ def test_verbose_shows_the_traceback(capsys, tmp_path, scheduler):
 
 def test_bad_values_are_errors_not_tracebacks(capsys, catalogs, tmp_path):
     code, _, err = run(capsys, "build", catalogs / "small_sky_object_catalog", tmp_path, "--threshold", "-1")
-    assert code == 2 and "margin_threshold" in err and "Traceback" not in err
+    assert code == 2 and "--threshold must be a finite angle > 0" in err and "Traceback" not in err
+    assert "margin_threshold" not in err
     code, _, err = run(capsys, "build", catalogs / "small_sky_object_catalog", tmp_path, "--storage-option", "x")
     assert code == 2 and "key=value" in err
 
@@ -339,3 +340,91 @@ def test_python_m_hats_margin_build_subprocess(catalogs, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("wrote ") and "small_sky_object_catalog_1deg" in done.stdout
     assert (tmp_path / "small_sky_object_catalog_1deg" / "hats.properties").exists()
+
+
+# ----------------------------------------------------------------------------- issue 10: units, names, messages
+@pytest.mark.parametrize(
+    ("threshold", "name"),
+    [("10", "10arcs"), ("10arcsec", "10arcs"), ('10"', "10arcs"), ("1.5arcmin", "1arcmin"), ("1deg", "1deg"),
+     ("500mas", "500mas")],
+)
+def test_threshold_with_units_on_the_command_line(capsys, catalogs, tmp_path, threshold, name):
+    code, out, err = run(capsys, "build", catalogs / "small_sky_source_catalog", tmp_path, "--threshold", threshold,
+                         "--dry-run")
+    assert code == 0, err
+    assert str(tmp_path / f"small_sky_source_catalog_{name}") in out
+
+
+def test_extreme_threshold_is_refused_naming_the_flag_and_the_likely_unit(capsys, catalogs, tmp_path):
+    argv = ["build", catalogs / "small_sky_source_catalog", tmp_path, "--threshold", "0.0028", "--dry-run"]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("hats-margin: error: --threshold 0.0028 arcsec (2.8 mas) is below 0.01 arcsec; "
+                          "did you mean 0.0028 deg = 10.08 arcsec")
+    assert "pass --allow-extreme-threshold to confirm" in err and err.count("\n") == 1
+    code, out, err = run(capsys, *argv, "--allow-extreme-threshold")
+    assert code == 0, err
+    assert str(tmp_path / "small_sky_source_catalog_2mas") in out
+
+
+def test_coarse_margin_gets_its_own_default_name(capsys, catalogs, tmp_path, scheduler):
+    argv = ["build", catalogs / "small_sky_source_catalog", tmp_path, "--threshold", "10", "--scheduler", scheduler,
+            "--no-progress"]
+    assert run(capsys, *argv)[0] == 0
+    code, _, err = run(capsys, *argv, "--coarse")
+    assert code == 0, err
+    assert (tmp_path / "small_sky_source_catalog_10arcs" / "hats.properties").exists()
+    assert (tmp_path / "small_sky_source_catalog_10arcs_coarse" / "hats.properties").exists()
+
+
+def test_coarse_order_too_fine_for_the_threshold_is_refused_before_work(capsys, catalogs, tmp_path):
+    code, out, err = run(capsys, "build", catalogs / "small_sky_source_catalog", tmp_path, "--threshold", "60",
+                         "--order", "12", "--coarse", "--no-progress")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("hats-margin: error: --order=12 cells are narrower")
+    assert "Use --order <= 11" in err and "UserWarning" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_warnings_are_one_line(capsys, catalogs, tmp_path):
+    code, _, err = run(capsys, "build", catalogs / "small_sky_source_catalog", tmp_path, "--threshold", "3600",
+                       "--order", "14", "--dry-run")
+    from hats_margin.geometry import coarse_order_for_threshold
+
+    assert code == 0
+    assert err == (
+        "hats-margin: warning: --order=14 is much finer than --threshold=3600.0 arcsec needs; the margin stays "
+        f"exact but the candidate search is slower. --order={coarse_order_for_threshold(3600)} would be faster.\n"
+    )
+
+
+def test_dry_run_estimates_the_margin_rows_and_warns_when_above_the_primary(capsys, catalogs, tmp_path):
+    code, out, _ = run(capsys, "build", catalogs / "small_sky_source_catalog", tmp_path, "--threshold", "10",
+                       "--dry-run")
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.startswith("margin rows:"))
+    estimate = int(line.split("~")[1].split()[0])
+    assert 5 <= estimate <= 100 and "WARNING" not in line  # the real margin holds 24 rows
+    code, out, _ = run(capsys, "build", catalogs / "small_sky_source_catalog", tmp_path, "--threshold", "5deg",
+                       "--dry-run")
+    line = next(x for x in out.splitlines() if x.startswith("margin rows:"))
+    assert "WARNING: more than the primary's 17161 rows" in line
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (
+            "x holds a catalog; pass overwrite=True (CLI: --overwrite) or choose another output_artifact_name",
+            "x holds a catalog; pass --overwrite or choose another --name",
+        ),
+        ("input_catalog_path /a does not exist", "INPUT /a does not exist"),
+        ("output_path /o is a file", "OUTPUT_PATH /o is a file"),
+        ("dask_n_workers must be a positive integer", "--workers must be a positive integer"),
+        ("use margin_order <= 11 or fine_filtering=True", "use --order <= 11 or the exact mode (no --coarse)"),
+        ("line one\n  line two", "line one line two"),
+        ("the_output_path_x is not an argument name", "the_output_path_x is not an argument name"),
+    ],
+)
+def test_messages_name_command_line_flags(message, expected):
+    assert cli.cli_message(message) == expected

@@ -18,6 +18,7 @@ def test_all_is_the_public_surface():
             "OutputExistsError",
             "OutputLockedError",
             "ResumeMismatchError",
+            "ScriptGuardError",
             "StageFailedError",
             "__version__",
             "pipeline",

@@ -83,7 +83,7 @@ def fail_in_reducing(client, args, monkeypatch):
 
 CHANGES = [
     ("margin_threshold", {"margin_threshold": 1800.0}),
-    ("margin_order", {"margin_order": 6}),
+    ("margin_order", {"margin_order": 4}),  # coarser: 6 would be refused (cells narrower than 3600")
     ("fine_filtering", {"fine_filtering": True}),
     ("npix_suffix", {"npix_suffix": "/"}),
     ("npix_parquet_name", {"npix_suffix": "/", "npix_parquet_name": "part0.parquet"}),

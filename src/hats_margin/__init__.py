@@ -18,6 +18,7 @@ _LAZY = {
     "OutputLockedError": "hats_margin.errors",
     "ResumeMismatchError": "hats_margin.errors",
     "StageFailedError": "hats_margin.errors",
+    "ScriptGuardError": "hats_margin.errors",
     "MarginCacheArguments": "hats_margin.arguments",
     "MarginCacheResult": "hats_margin.orchestrator",
     "pipeline": "hats_margin.orchestrator",
@@ -34,6 +35,7 @@ __all__ = [
     "OutputExistsError",
     "OutputLockedError",
     "ResumeMismatchError",
+    "ScriptGuardError",
     "StageFailedError",
     "__version__",
     "pipeline",
@@ -50,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         OutputExistsError,
         OutputLockedError,
         ResumeMismatchError,
+        ScriptGuardError,
         StageFailedError,
     )
     from hats_margin.orchestrator import MarginCacheResult, pipeline, pipeline_with_client

@@ -7,7 +7,6 @@ catalog, is tmp_dir writable) is checked at the start of planning, before any wo
 
 from __future__ import annotations
 
-import math
 import numbers
 import re
 import warnings
@@ -18,6 +17,7 @@ from upath import UPath
 
 from hats_margin.errors import ArgumentError
 from hats_margin.geometry import MAX_ORDER, coarse_order_for_threshold, coarse_reach_arcsec, ring_reach_arcsec
+from hats_margin.units import extreme_threshold_message, threshold_arcsec
 
 DEFAULT_THRESHOLD_ARCSEC = 5.0
 # matched with fullmatch (``$`` would accept a trailing newline)
@@ -36,9 +36,14 @@ class MarginCacheArguments:
     """Directory that will hold the margin catalog directory."""
     output_artifact_name: str = ""
     """Name of the margin catalog; the margin is written to ``output_path/output_artifact_name``."""
-    margin_threshold: float | None = None
-    """Margin width in arcseconds (default 5.0). A row joins the margin of a pixel when its
-    great-circle distance to the pixel is at most this."""
+    margin_threshold: float | str | None = None
+    """Margin width (default 5.0 arcsec): a number of arcseconds, a string with a unit
+    (``"10arcsec"``, ``'10"'``, ``"1.5arcmin"``, ``"1deg"``, ``"500mas"``) or an astropy Quantity;
+    stored as arcseconds. A row joins the margin of a pixel when its great-circle distance to the
+    pixel is at most this."""
+    allow_extreme_threshold: bool = False
+    """Confirm a threshold below 0.01 arcsec or above 10 degrees (refused otherwise: such values
+    are usually a unit mistake, e.g. degrees given as arcseconds)."""
     margin_order: int | None = None
     """HEALPix order used to find candidate rows (default: derived from the threshold). It only
     changes speed in exact mode; in coarse mode it defines the row set, as in hats-import."""
@@ -115,17 +120,12 @@ class MarginCacheArguments:
         self.threshold_given = self.margin_threshold is not None
         self.order_given = self.margin_order is not None and self.margin_order != -1
         if self.threshold_given:
-            value = self.margin_threshold
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ArgumentError(
-                    f"margin_threshold must be a number of arcseconds, not {type(value).__name__} {value!r}"
-                )
-            value = float(value)
-            if not math.isfinite(value) or value <= 0:
-                raise ArgumentError(
-                    f"margin_threshold must be a finite number of arcseconds > 0, got {value!r}"
-                )
-            self.margin_threshold = value
+            self.margin_threshold = threshold_arcsec(self.margin_threshold)
+            if not isinstance(self.allow_extreme_threshold, bool):
+                raise ArgumentError(f"allow_extreme_threshold must be True or False, got {self.allow_extreme_threshold!r}")
+            problem = extreme_threshold_message(self.margin_threshold, "allow_extreme_threshold=True")
+            if problem and not self.allow_extreme_threshold:
+                raise ArgumentError(problem)
         if self.order_given:
             order = self.margin_order
             if isinstance(order, bool) or not isinstance(order, numbers.Integral):
@@ -142,20 +142,21 @@ class MarginCacheArguments:
         if not self.order_given:
             self.margin_order = coarse_order_for_threshold(self.margin_threshold)
         elif self.threshold_given:
-            self._warn_on_conflict()
+            self._check_order_against_threshold()
 
-    def _warn_on_conflict(self):
+    def _check_order_against_threshold(self):
         threshold, order = self.margin_threshold, self.margin_order
         if not self.fine_filtering and coarse_reach_arcsec(order) < threshold:
-            warnings.warn(
+            # a coarse margin keeps whole margin_order cells: narrower cells than the threshold
+            # would write a margin labelled with a width it does not hold
+            raise ArgumentError(
                 f"margin_order={order} cells are narrower ({coarse_reach_arcsec(order):.4g} arcsec) than "
-                f"margin_threshold={threshold} arcsec: a coarse margin at this order can miss rows "
-                f"closer than the threshold. Use margin_order <= {coarse_order_for_threshold(threshold)} "
-                "or fine_filtering=True.",
-                UserWarning,
-                stacklevel=3,
+                f"margin_threshold={threshold:g} arcsec: a coarse margin at this order would miss rows closer "
+                f"than the threshold. Use margin_order <= {coarse_order_for_threshold(threshold)}; or "
+                "fine_filtering=True, exact at any order; or give no margin_threshold to record the "
+                f"{coarse_reach_arcsec(order):.4g} arcsec this order honours"
             )
-        elif self.fine_filtering and ring_reach_arcsec(order) * 4 < threshold:
+        if self.fine_filtering and ring_reach_arcsec(order) * 4 < threshold:
             warnings.warn(
                 f"margin_order={order} is much finer than margin_threshold={threshold} arcsec needs; "
                 "the margin stays exact but the candidate search is slower. "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import traceback
 import warnings
@@ -27,9 +28,11 @@ DEMO_THRESHOLD_ARCSEC = 10.0
 
 BUILD_EXAMPLES = """\
 examples:
-  hats-margin build gaia/ margins/ --threshold 10                 # -> margins/gaia_10arcs
-  hats-margin build gaia/ margins/ --threshold 60 --workers 8     # -> margins/gaia_1arcmin
-  hats-margin build gaia/ margins/ --threshold 10 --dry-run       # show the plan, write nothing
+  hats-margin build gaia/ margins/ --threshold 10                 # -> margins/gaia_10arcs (bare number: arcsec)
+  hats-margin build gaia/ margins/ --threshold 1arcmin --workers 8  # -> margins/gaia_1arcmin
+  hats-margin build gaia/ margins/ --threshold 500mas             # -> margins/gaia_500mas (also 10\", 1.5', 1deg)
+  hats-margin build gaia/ margins/ --threshold 10 --coarse        # -> margins/gaia_10arcs_coarse
+  hats-margin build gaia/ margins/ --threshold 10arcsec --dry-run # show the plan and row estimate, write nothing
   hats-margin build gaia/ margins/ --scheduler tcp://10.0.0.5:8786
   hats-margin build my_collection/ my_collection/ --threshold 10  # margin of the primary, registered
   hats-margin build s3://bucket/gaia s3://bucket/margins --threshold 10 --tmp-dir /scratch/tmp \\
@@ -59,19 +62,47 @@ examples:
 # ----------------------------------------------------------------------------- pure helpers
 def pretty_angle(arcsec: float) -> str:
     """hats-import's short angle for names: ``3600 -> 1deg``, ``60 -> 1arcmin``, ``10 -> 10arcs``,
-    ``0.5 -> 500msec`` (truncated, not rounded)."""
-    if arcsec >= 3600:
-        return f"{int(arcsec / 3600)}deg"
-    if arcsec >= 60:
-        return f"{int(arcsec / 60)}arcmin"
-    if arcsec >= 1:
-        return f"{int(arcsec)}arcs"
-    return f"{int(arcsec * 1000)}msec"
+    ``0.5 -> 500mas`` (truncated, not rounded)."""
+    from hats_margin.units import short_angle
+
+    return short_angle(arcsec)
 
 
-def default_margin_name(primary_name: str, threshold_arcsec: float) -> str:
-    """``<primary name>_<angle>``, e.g. ``gaia_10arcs``."""
-    return f"{primary_name}_{pretty_angle(threshold_arcsec)}"
+def default_margin_name(primary_name: str, threshold_arcsec: float, coarse: bool = False) -> str:
+    """``<primary name>_<angle>``, e.g. ``gaia_10arcs``; a coarse margin adds ``_coarse`` so that it
+    never takes the exact margin's name."""
+    return f"{primary_name}_{pretty_angle(threshold_arcsec)}" + ("_coarse" if coarse else "")
+
+
+# Python argument spellings in messages -> the command line's flags
+_FLAG_NAMES = [
+    ("allow_extreme_threshold=True", "--allow-extreme-threshold"),
+    ("overwrite=True", "--overwrite"),
+    ("resume=False", "--no-resume"),
+    ("fine_filtering=False", "--coarse"),
+    ("fine_filtering=True", "the exact mode (no --coarse)"),
+    ("output_artifact_name", "--name"),
+    ("margin_threshold", "--threshold"),
+    ("margin_order", "--order"),
+    ("input_catalog_path", "INPUT"),
+    ("output_path", "OUTPUT_PATH"),
+    ("dask_n_workers", "--workers"),
+    ("dask_threads_per_worker", "--threads"),
+    ("dask_tmp", "--dask-tmp"),
+    ("tmp_dir", "--tmp-dir"),
+    ("completion_email_address", "--email"),
+    ("create_plot", "--plot"),
+]
+_CLI_ASIDE = re.compile(r" \(CLI: [^)]*\)")
+
+
+def cli_message(message: str) -> str:
+    """A library message in command-line words: Python argument names become flags, and asides
+    like ``(CLI: --overwrite)`` go; one line."""
+    text = _CLI_ASIDE.sub("", message)
+    for python_name, flag in _FLAG_NAMES:
+        text = re.sub(rf"(?<![\w.-]){re.escape(python_name)}(?![\w])", flag, text)
+    return " ".join(text.split())
 
 
 def parse_storage_options(items: list[str] | None) -> dict:
@@ -116,6 +147,7 @@ def _build(opts) -> int:
         "input_catalog_path": to_path(opts.input, storage),
         "output_path": to_path(opts.output_path, storage),
         "margin_threshold": opts.threshold,
+        "allow_extreme_threshold": opts.allow_extreme_threshold,
         "margin_order": opts.order,
         "fine_filtering": not opts.coarse,
         "overwrite": opts.overwrite,
@@ -133,7 +165,7 @@ def _build(opts) -> int:
         with warnings.catch_warnings():  # the real construction below warns once
             warnings.simplefilter("ignore")
             threshold = MarginCacheArguments(**kwargs, output_artifact_name="margin").margin_threshold
-        name = default_margin_name(_primary_name(kwargs["input_catalog_path"]), threshold)
+        name = default_margin_name(_primary_name(kwargs["input_catalog_path"]), threshold, coarse=opts.coarse)
     args = MarginCacheArguments(**kwargs, output_artifact_name=name)
     if opts.dry_run:
         from hats_margin.info import describe_plan
@@ -146,16 +178,19 @@ def _build(opts) -> int:
 
 
 def _primary_name(input_path) -> str:
-    """The primary's catalog name (for a collection, its primary's), else the directory name."""
-    from hats.catalog import TableProperties
+    """The primary's catalog name (for a collection, its primary's), else the directory name.
+    A missing input is reported here, before anything heavy loads."""
+    from hats_margin.prechecks import check_input_directory, plain_properties
 
-    from hats_margin import collection
+    path = check_input_directory(input_path)
+    if (path / "collection.properties").exists():
+        from hats_margin import collection
 
-    path = UPath(input_path) if not isinstance(input_path, UPath) else input_path
-    try:
-        return TableProperties.read_from_dir(collection.primary_path(path)).catalog_name
-    except (OSError, ValueError):  # planning reports the real problem with the input
-        return path.name or "margin"
+        try:
+            path = collection.primary_path(path)
+        except (OSError, ValueError):  # planning reports the real problem with the input
+            return path.name or "margin"
+    return plain_properties(path).get("obs_collection") or path.name or "margin"
 
 
 def _run(args, scheduler: str | None):
@@ -278,8 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory that receives the margin directory (for a collection: the collection itself, "
         "to register the margin)",
     )
-    build.add_argument("--threshold", type=float, metavar="ARCSEC", help="margin width in arcseconds (5)")
-    build.add_argument("--name", help="margin catalog name (default: <primary name>_<threshold>, e.g. gaia_10arcs)")
+    build.add_argument(
+        "--threshold", metavar="ANGLE",
+        help="margin width: a number of arcsec, or with a unit: 10arcsec, 10\", 1.5arcmin, 1.5', 1deg, 500mas (5)",
+    )
+    build.add_argument(
+        "--allow-extreme-threshold", action="store_true",
+        help="confirm a threshold below 0.01 arcsec or above 10 deg (usually a unit mistake)",
+    )
+    build.add_argument(
+        "--name",
+        help="margin catalog name (default: <primary name>_<threshold>, e.g. gaia_10arcs; gaia_10arcs_coarse "
+        "with --coarse)",
+    )
     build.add_argument("--order", type=int, metavar="K", help="margin order (default: from the threshold)")
     build.add_argument(
         "--coarse", action="store_true",
@@ -373,8 +419,14 @@ def _configure_logging(verbose: bool):
 
 
 def _error(message: str, code: int) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {cli_message(message)}", file=sys.stderr)
     return code
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning as one line, ``hats-margin: warning: ...`` (no file path, no source line)."""
+    text = str(message).strip() or category.__name__
+    print(f"{PROG}: warning: {cli_message(text)}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,6 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(opts, "scheduler", None) and (opts.workers is not None or opts.threads is not None):
         parser.error("--scheduler uses the workers of that scheduler: drop --workers/--threads")
     _configure_logging(opts.verbose)
+    with warnings.catch_warnings():
+        if not opts.verbose:
+            warnings.showwarning = _show_warning
+        return _main(opts)
+
+
+def _main(opts) -> int:
     try:
         return opts.func(opts)
     except (HatsMarginError, ValueError, FileNotFoundError) as exc:

@@ -10,7 +10,8 @@ each also derives from the builtin a caller would naturally catch, so both
     ├── OutputExistsError (FileExistsError) the output already holds a catalog or foreign files
     ├── ResumeMismatchError (ValueError)    intermediate files belong to a run with other values
     ├── OutputLockedError (RuntimeError)    another live run holds the output lock
-    └── StageFailedError (RuntimeError)     one or more tasks of a stage failed; lists the keys
+    ├── StageFailedError (RuntimeError)     one or more tasks of a stage failed; lists the keys
+    └── ScriptGuardError (RuntimeError)     worker processes asked for from an unguarded script
 """
 
 from __future__ import annotations
@@ -63,3 +64,8 @@ class StageFailedError(HatsMarginError, RuntimeError):
         if hint:
             lines.append(hint)
         super().__init__("\n".join(lines))
+
+
+class ScriptGuardError(HatsMarginError, RuntimeError):
+    """pipeline() with worker processes was called from the top level of a script without an
+    ``if __name__ == "__main__":`` guard (the workers would re-run the script)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import cdshealpix.nested as cds
 import numpy as np
 
 MAX_ORDER = 29
@@ -32,6 +31,14 @@ RING_SAFETY = 0.98
 # out here so that worker processes need not import hats (seconds of start-up per worker);
 # a test checks it against hats.
 _MINDIST_ARCSEC = np.degrees(np.sqrt(4 * np.pi / (12 * 4.0 ** np.arange(MAX_ORDER + 1)))) * 3600.0 / 1.6
+
+
+def _cds():
+    """cdshealpix, imported on first use: it loads astropy (~0.3 s), which argument checks and
+    command-line errors do not need."""
+    import cdshealpix.nested
+
+    return cdshealpix.nested
 
 
 def ring_reach_arcsec(order: int) -> float:
@@ -112,7 +119,7 @@ def neighbourhood(cells: np.ndarray, order: int, rings: int) -> tuple[np.ndarray
     for _ in range(rings):
         if len(frontier) == 0:
             break
-        nbrs = cds.neighbours(frontier.astype(np.uint64), order)
+        nbrs = _cds().neighbours(frontier.astype(np.uint64), order)
         rep_owner = np.repeat(frontier_owner, nbrs.shape[1])
         flat = nbrs.reshape(-1).astype(np.int64)
         keep = flat >= 0
@@ -260,6 +267,7 @@ def cell_centres_and_radii(cells: np.ndarray, order: int):
     points are their corners, so this bounds the cell with room to spare.
     """
     cells = np.asarray(cells, dtype=np.uint64)
+    cds = _cds()
     lon, lat = cds.healpix_to_lonlat(cells, order)
     ra, dec = lon.to_value("deg"), lat.to_value("deg")
     v_lon, v_lat = cds.vertices(cells, order, step=4)

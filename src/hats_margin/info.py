@@ -91,14 +91,21 @@ def describe_plan(plan) -> str:
         f"{n_parts + n_negative} pixels ({n_parts} partitions + {n_negative} negative tree), "
         f"{len(reachable)} reachable within the threshold"
     )
+    from hats_margin.stages.planning import estimate_margin_rows
+
     mode = "exact" if args.fine_filtering else "coarse"
     margin = f"threshold {plan.threshold_arcsec:g} arcsec, margin order {plan.margin_order}, {mode}"
+    total, estimate = catalog.properties.total_rows or 0, estimate_margin_rows(plan)
+    estimated = f"~{estimate} (equal rows per partition, uniform within it; a band of the margin width)"
+    if total and estimate > total:
+        estimated += f"; WARNING: more than the primary's {total} rows"
     rows = [
         ("input", f"{catalog.path} ({catalog.properties.catalog_type} catalog)"),
         ("partitions", f"{len(catalog.partitions)} ({_orders(catalog.partitions)})"),
         ("destinations", destinations),
         ("margin", margin),
         ("rows read", f"{catalog.properties.total_rows} (estimated: the input's hats_nrows)"),
+        ("margin rows", estimated),
         ("map tasks", len(plan.map_tasks)),
         ("output", f"{target} ({state})"),
         ("intermediate", plan.layout.base),

@@ -22,17 +22,22 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from distributed import Client, LocalCluster
-from hats.catalog import TableProperties
 from upath import UPath
 
-from hats_margin import artifact, collection, notify, runner
+from hats_margin import artifact, notify, runner
 from hats_margin.arguments import MarginCacheArguments
 from hats_margin.errors import ArgumentError, OutputExistsError, StageFailedError
-from hats_margin.io import margin_write_kwargs, output_file, read_json, remove_tree
+from hats_margin.io import read_json, remove_tree
+from hats_margin.prechecks import exists_message, precheck
 from hats_margin.resume import LOCK_NAME, OutputLock, fingerprint_digest, prepare_intermediate
-from hats_margin.stages import finishing, mapping, planning, reducing
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distributed import Client
+
+# hats, the stages and dask.distributed are imported when first needed: a mistake in the
+# arguments or the output location is reported before they load (about a second).
 
 logger = logging.getLogger(__name__)
 
@@ -64,36 +69,76 @@ class MarginCacheResult:
     margin_threshold: float
     fine_filtering: bool
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time per stage: planning, cluster start/stop (pipeline() only), mapping, reducing, finishing."""
     skipped_tasks: dict[str, int] = field(default_factory=dict)
+    elapsed_seconds: float | None = None
+    """Wall time of the whole pipeline()/pipeline_with_client() call (None: the sum of the stages)."""
 
     def summary(self) -> str:
         mode = "exact" if self.fine_filtering else "coarse"
+        elapsed = sum(self.stage_seconds.values()) if self.elapsed_seconds is None else self.elapsed_seconds
+        split = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in self.stage_seconds.items())
         return (
             f"wrote {self.total_rows} margin rows in {len(self.pixels)} pixel file(s) to {self.catalog_path} "
             f"({mode}, threshold {self.margin_threshold:g} arcsec, margin order {self.margin_order}, "
-            f"{sum(self.stage_seconds.values()):.1f} s)"
+            f"{elapsed:.1f} s: {split})"
         )
 
 
+@dataclass
+class _Prepared:
+    """A planned run that holds the output lock: everything checked, no worker needed yet."""
+
+    plan: object
+    lock: OutputLock
+    resumed: bool | str
+
+
 def pipeline(args: MarginCacheArguments) -> MarginCacheResult:
-    """Build the margin on a local Dask cluster made from the ``dask_*`` arguments."""
-    with LocalCluster(
-        n_workers=args.dask_n_workers,
-        threads_per_worker=args.dask_threads_per_worker,
-        local_directory=None if args.dask_tmp is None else str(args.dask_tmp),
-        dashboard_address=None,
-        scheduler_kwargs={"dashboard_address": ":0"},  # its HTTP server: any free port, no "8787 in use" warning
-    ) as cluster, Client(cluster) as client:
-        return pipeline_with_client(args, client)
+    """Build the margin on a local Dask cluster made from the ``dask_*`` arguments.
+
+    Every check that needs no worker (arguments, input catalog, output location and ownership,
+    resume fingerprint) runs before the cluster starts. One worker (the default) runs as threads
+    in this process: no worker process to start. More workers are processes, started only then.
+    """
+    _check_args(args)
+    if args.dask_n_workers > 1:
+        runner.check_main_guard()
+    return _pipeline(args, None)
 
 
 def pipeline_with_client(args: MarginCacheArguments, client: Client) -> MarginCacheResult:
     """Build the margin with the caller's Dask client (local, remote scheduler, SLURM...)."""
+    _check_args(args)
+    return _pipeline(args, client)
+
+
+def _check_args(args):
     if not isinstance(args, MarginCacheArguments):
         raise ArgumentError(f"args must be MarginCacheArguments, not {type(args).__name__}")
+
+
+def _pipeline(args: MarginCacheArguments, client: Client | None) -> MarginCacheResult:
+    """Plan (no worker), then run the stages on ``client`` or on a local cluster started for them;
+    email the outcome. The elapsed time covers the whole call."""
     start = time.perf_counter()
+    clock = runner.StageClock()
     try:
-        result = _run(args, client)
+        prepared = _prepare(args, clock)
+        try:
+            if prepared.resumed == _COMPLETE:
+                result = _complete_earlier_run(prepared.plan, clock)
+            elif client is not None:
+                result = _execute(prepared, client, clock)
+            else:
+                with runner.local_client(
+                    args.dask_n_workers, args.dask_threads_per_worker, args.dask_tmp, clock
+                ) as own_client:
+                    result = _execute(prepared, own_client, clock)
+        finally:
+            prepared.lock.release()
+        from hats_margin import collection
+
         if collection.is_collection(args.input_catalog_path):
             collection.register_margin(args.input_catalog_path, result.catalog_path)
     except Exception as exc:
@@ -101,72 +146,81 @@ def pipeline_with_client(args: MarginCacheArguments, client: Client) -> MarginCa
             args, success=False, body=f"elapsed: {time.perf_counter() - start:.1f} s\n\nFailed with:\n\n{exc}"
         )
         raise
+    result.elapsed_seconds = time.perf_counter() - start
+    logger.info("%s", result.summary())
     notify.send_completion_email(
         args,
         success=True,
         body=(
             f"catalog: {result.catalog_path}\nrows written: {result.total_rows}\n"
-            f"pixels written: {len(result.pixels)}\nelapsed: {time.perf_counter() - start:.1f} s"
+            f"pixels written: {len(result.pixels)}\nelapsed: {result.elapsed_seconds:.1f} s"
         ),
     )
     return result
 
 
-def _run(args: MarginCacheArguments, client: Client) -> MarginCacheResult:
-    clock = runner.StageClock()
-    with clock("planning"), runner.progress("Planning", 3, args.progress_bar) as bar:
-        plan = planning.make_plan(args)
-        bar.update(1)
-        lock = OutputLock(args.catalog_path, plan.fingerprint)
-        lock.acquire()
-        try:
-            resumed = _prepare_output(plan, lock)
-        except BaseException:
-            lock.release()
-            raise
-        bar.update(2)
-    if resumed == _COMPLETE:
-        try:
-            return _complete_earlier_run(plan, clock)
-        finally:
-            lock.release()
-    try:
-        hint = (
-            f"Fix the cause and run again with the same arguments to resume; work done so far is kept in "
-            f"{plan.layout.base}."
-        )
-        with clock("mapping"):
-            done = _done_keys(plan.layout.base / "mapping") if resumed else set()
-            todo = [t for t in plan.map_tasks if t.key not in done]
-            skipped_map = len(plan.map_tasks) - len(todo)
-            results = runner.run_stage(
-                client, "Mapping", mapping.map_partition, todo,
-                progress_bar=args.progress_bar, skipped=skipped_map, resume_hint=hint,
-            )
-            for task in plan.map_tasks:
-                if task.key not in results:
-                    results[task.key] = read_json(plan.layout.map_marker(*task.source))
-        reduce_tasks = _reduce_tasks(plan, results)
-        with clock("reducing"):
-            done = _done_keys(plan.layout.base / "reducing") if resumed else set()
-            todo = [t for t in reduce_tasks if t.key not in done]
-            runner.run_stage(
-                client, "Reducing", reducing.reduce_pixel, todo,
-                progress_bar=args.progress_bar, skipped=len(reduce_tasks) - len(todo), resume_hint=hint,
-            )
-        with clock("finishing"), runner.progress("Finishing", 2, args.progress_bar) as bar:
-            try:
-                lock.set_phase("finishing")
-                summary = finishing.finish(plan, {t.pixel: t.expected_rows for t in reduce_tasks})
-                bar.update(1)
-                finishing.clean_up(plan)
-                _publish(plan)
-            except Exception as exc:
-                raise StageFailedError("finishing", {"finishing": exc}, hint) from exc
+def _prepare(args: MarginCacheArguments, clock: runner.StageClock) -> _Prepared:
+    """Planning: the cheap checks first (no heavy import), then the input catalog, the plan, the
+    output lock and what is already at the output. Returns holding the lock."""
+    with clock("planning"):
+        precheck(args)
+        from hats_margin.stages import planning
+
+        with runner.progress("Planning", 3, args.progress_bar) as bar:
+            plan = planning.make_plan(args)
+            planning.warn_on_large_margin(plan)
             bar.update(1)
-    finally:
-        lock.release()
-    result = MarginCacheResult(
+            lock = OutputLock(args.catalog_path, plan.fingerprint)
+            lock.acquire()
+            try:
+                resumed = _prepare_output(plan, lock)
+            except BaseException:
+                lock.release()
+                raise
+            bar.update(2)
+    return _Prepared(plan, lock, resumed)
+
+
+def _execute(prepared: _Prepared, client: Client, clock: runner.StageClock) -> MarginCacheResult:
+    """Map, reduce and finish on the cluster (the lock is held by the caller)."""
+    from hats_margin.stages import finishing, mapping, reducing
+
+    plan, lock, resumed = prepared.plan, prepared.lock, prepared.resumed
+    args = plan.args
+    hint = (
+        f"Fix the cause and run again with the same arguments to resume; work done so far is kept in "
+        f"{plan.layout.base}."
+    )
+    with clock("mapping"):
+        done = _done_keys(plan.layout.base / "mapping") if resumed else set()
+        todo = [t for t in plan.map_tasks if t.key not in done]
+        skipped_map = len(plan.map_tasks) - len(todo)
+        results = runner.run_stage(
+            client, "Mapping", mapping.map_partition, todo,
+            progress_bar=args.progress_bar, skipped=skipped_map, resume_hint=hint,
+        )
+        for task in plan.map_tasks:
+            if task.key not in results:
+                results[task.key] = read_json(plan.layout.map_marker(*task.source))
+    reduce_tasks = _reduce_tasks(plan, results)
+    with clock("reducing"):
+        done = _done_keys(plan.layout.base / "reducing") if resumed else set()
+        todo = [t for t in reduce_tasks if t.key not in done]
+        runner.run_stage(
+            client, "Reducing", reducing.reduce_pixel, todo,
+            progress_bar=args.progress_bar, skipped=len(reduce_tasks) - len(todo), resume_hint=hint,
+        )
+    with clock("finishing"), runner.progress("Finishing", 2, args.progress_bar) as bar:
+        try:
+            lock.set_phase("finishing")
+            summary = finishing.finish(plan, {t.pixel: t.expected_rows for t in reduce_tasks})
+            bar.update(1)
+            finishing.clean_up(plan)
+            _publish(plan)
+        except Exception as exc:
+            raise StageFailedError("finishing", {"finishing": exc}, hint) from exc
+        bar.update(1)
+    return MarginCacheResult(
         catalog_path=args.catalog_path,
         total_rows=summary["total_rows"],
         pixels=summary["pixels"],
@@ -176,8 +230,6 @@ def _run(args: MarginCacheArguments, client: Client) -> MarginCacheResult:
         stage_seconds=clock.seconds,
         skipped_tasks={"mapping": skipped_map, "reducing": len(reduce_tasks) - len(todo)},
     )
-    logger.info("%s", result.summary())
-    return result
 
 
 def _prepare_output(plan, lock: OutputLock) -> bool | str:
@@ -209,10 +261,7 @@ def _prepare_output(plan, lock: OutputLock) -> bool | str:
             return _COMPLETE
         if not args.overwrite:
             if valid:
-                raise OutputExistsError(
-                    f"{target} already contains a valid catalog; pass overwrite=True (CLI: --overwrite) to "
-                    "replace it, or choose another output_artifact_name"
-                )
+                raise OutputExistsError(exists_message(target))
             foreign = sorted(names - _OUR_NAMES) or sorted(names)
             raise OutputExistsError(
                 f"{target} exists and holds files hats-margin did not write ({', '.join(foreign[:5])}); "
@@ -250,6 +299,8 @@ def _publish(plan):
 
 
 def _is_valid_properties(target: UPath) -> bool:
+    from hats.catalog import TableProperties
+
     try:
         TableProperties.read_from_dir(target)
     except (FileNotFoundError, ValueError):
@@ -274,6 +325,10 @@ def _written_by_same_run(plan, lock: OutputLock) -> bool:
 def _complete_earlier_run(plan, clock) -> MarginCacheResult:
     """Finish what a dead run with the same values left: its catalog is written, only the copy of
     the properties and the clean-up of the intermediate files may be missing."""
+    from hats.catalog import TableProperties
+
+    from hats_margin.stages import finishing
+
     args, built, target = plan.args, plan.build_path, plan.args.catalog_path
     logger.info("%s was fully written by an earlier run with the same values; finishing its clean-up", built)
     with clock("finishing"):
@@ -296,7 +351,6 @@ def _complete_earlier_run(plan, clock) -> MarginCacheResult:
         stage_seconds=clock.seconds,
         skipped_tasks={"mapping": len(plan.map_tasks), "reducing": len(pixels)},
     )
-    logger.info("%s", result.summary())
     return result
 
 
@@ -306,7 +360,10 @@ def _done_keys(directory: UPath) -> set[str]:
     return {p.name[: -len(".json")] for p in directory.iterdir() if p.name.endswith(".json")}
 
 
-def _reduce_tasks(plan, map_results: dict[str, dict]) -> list[reducing.ReduceTask]:
+def _reduce_tasks(plan, map_results: dict[str, dict]) -> list:
+    from hats_margin.io import margin_write_kwargs, output_file
+    from hats_margin.stages import reducing
+
     args, catalog = plan.args, plan.catalog
     sources: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
     for payload in map_results.values():
