@@ -12,8 +12,8 @@ from pathlib import Path
 
 from upath import UPath
 
-from hats_margin.errors import ArgumentError, InputCatalogError, OutputExistsError
 from hats_margin import artifact
+from hats_margin.errors import ArgumentError, InputCatalogError, OutputExistsError
 from hats_margin.io import TempLayout, as_upath, is_local, lists_partitions
 from hats_margin.resume import LOCK_NAME
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import hats
 import numpy as np
@@ -25,7 +24,6 @@ from hats_margin.io import (
     TempLayout,
     as_upath,
     canonical_path,
-    is_local,
     leaf_files,
     leaf_path,
     list_leaves,
@@ -97,7 +95,8 @@ def make_plan(args: MarginCacheArguments) -> Plan:
 def open_input(path) -> InputCatalog:
     """The primary catalog at ``path`` (for a HATS collection, the collection's primary)."""
     path = as_upath(path)
-    if lists_partitions(path):  # else (HTTP, object stores) nothing is listed or stat'ed as a directory
+    listable = lists_partitions(path)  # else (HTTP, object stores) nothing is listed or stat'ed as a directory
+    if listable:
         path = check_input_directory(path)
     path = collection.primary_path(path)
     try:
