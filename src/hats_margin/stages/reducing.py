@@ -19,7 +19,9 @@ from hats_margin.io import MarginFileWriter, TempLayout, read_json, read_shard, 
 class ReduceTask:
     key: str
     pixel: tuple[int, int]
-    sources: tuple[tuple[int, int], ...]
+    sources: tuple[tuple[int, int, tuple[int, ...]], ...]
+    """(order, pixel, record batches of its shard) of every source partition sending rows, in
+    spatial-index order."""
     expected_rows: int
     output_file: UPath
     schema: pa.Schema
@@ -36,8 +38,8 @@ def reduce_pixel(task: ReduceTask) -> dict:
     try:
         writer = MarginFileWriter(task.output_file, task.schema, task.write_kwargs)
         try:
-            for source in task.sources:
-                shard = read_shard(task.layout.shard(*task.pixel, *source))
+            for src_order, src_pixel, batches in task.sources:
+                shard = read_shard(task.layout.shard(src_order, src_pixel), batches)
                 writer.write(shard.sort_by(task.healpix_column))
         finally:
             writer.close()
