@@ -83,11 +83,24 @@ def counting_clean_up(plan):
     intermediate["bytes"] = sum(p.stat().st_size for p in files)
     return _clean_up(plan)
 finishing.clean_up = counting_clean_up
+import psutil
+def tree_cpu():
+    me = psutil.Process()
+    total = 0.0
+    for p in [me] + me.children(recursive=True):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 with Client(n_workers=cfg["workers"], threads_per_worker=1, local_directory=cfg["dask_tmp"],
             dashboard_address=":0") as client:
     client_ready = time.perf_counter()
+    cpu_ready = tree_cpu()
     result = pipeline_with_client(args, client)
     done = time.perf_counter()
+    cpu_done = tree_cpu()
 stages = getattr(result, "stage_seconds", None)
 try:
     stages = {str(k): float(v) for k, v in dict(stages).items()} if stages else {}
@@ -99,6 +112,7 @@ print("BENCH_JSON " + json.dumps({
     "setup_seconds": client_ready - start,
     "stage_seconds": stages,
     "reported_rows": int(total_rows) if total_rows is not None else None,
+    "in_pipeline_cpu_seconds": cpu_done - cpu_ready,
     "intermediate_files": intermediate.get("files"),
     "intermediate_bytes": intermediate.get("bytes"),
 }), flush=True)
@@ -411,23 +425,24 @@ def _fmt_stages(stages: dict | None) -> str:
 
 def markdown_table(results: list[dict]) -> str:
     header = (
-        "| run | workers | wall s | CPU s | in-pipeline s | stages s | peak RSS sum MB | peak RSS max proc MB "
+        "| run | workers | wall s | CPU s | in-pipeline s | in-pipeline CPU s | stages s | peak RSS sum MB | peak RSS max proc MB "
         "| rows | bytes | files | intermediate files / MB |"
     )
     lines = [
         header,
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.get("error"):
             lines.append(
                 f"| {r['run']} | {r['workers']} | {_fmt_seconds(r.get('wall_seconds'))} | | FAILED "
-                f"(exit {r.get('returncode')}) | | | | | | |"
+                f"(exit {r.get('returncode')}) | | | | | | | | |"
             )
             continue
         lines.append(
             f"| {r['run']} | {r['workers']} | {_fmt_seconds(r['wall_seconds'])} "
-            f"| {_fmt_seconds(r.get('cpu_seconds'))} | {_fmt_seconds(r.get('in_pipeline_seconds'))} | {_fmt_stages(r.get('stage_seconds'))} "
+            f"| {_fmt_seconds(r.get('cpu_seconds'))} | {_fmt_seconds(r.get('in_pipeline_seconds'))} "
+            f"| {_fmt_seconds(r.get('in_pipeline_cpu_seconds'))} | {_fmt_stages(r.get('stage_seconds'))} "
             f"| {r['peak_rss_sum_bytes'] / 2**20:.0f} | {r['peak_rss_single_bytes'] / 2**20:.0f} "
             f"| {r.get('rows') if r.get('rows') is not None else '-'} "
             f"| {r.get('bytes') if r.get('bytes') is not None else '-'} "
@@ -471,6 +486,18 @@ def compute_ratios(by_run: dict[str, dict]) -> dict[str, float | None]:
             value("exact-base", "in_pipeline_seconds"), value("exact", "in_pipeline_seconds")
         ),
         "exact-base_in_pipeline / floor": _ratio(value("exact-base", "in_pipeline_seconds"), floor),
+        "exact_in_pipeline_cpu / floor_cpu": _ratio(
+            value("exact", "in_pipeline_cpu_seconds"), value("floor", "in_pipeline_cpu_seconds")
+        ),
+        "coarse_in_pipeline_cpu / floor_cpu": _ratio(
+            value("coarse", "in_pipeline_cpu_seconds"), value("floor", "in_pipeline_cpu_seconds")
+        ),
+        "exact-base_in_pipeline_cpu / floor_cpu": _ratio(
+            value("exact-base", "in_pipeline_cpu_seconds"), value("floor", "in_pipeline_cpu_seconds")
+        ),
+        "exact-base / exact (in-pipeline CPU)": _ratio(
+            value("exact-base", "in_pipeline_cpu_seconds"), value("exact", "in_pipeline_cpu_seconds")
+        ),
     }
 
 
