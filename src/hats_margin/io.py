@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
@@ -196,15 +197,28 @@ class TempLayout:
     def run_file(self) -> UPath:
         return self.base / "run.json"
 
+    # the directories are joined once per layout (a UPath join costs ~50 us, a task needs several)
+    @cached_property
+    def _mapping(self) -> UPath:
+        return self.base / "mapping"
+
+    @cached_property
+    def _reducing(self) -> UPath:
+        return self.base / "reducing"
+
+    @cached_property
+    def _shards(self) -> UPath:
+        return self.base / "shards"
+
     def map_marker(self, order: int, pixel: int) -> UPath:
-        return self.base / "mapping" / f"{order}_{pixel}.json"
+        return self._mapping / f"{order}_{pixel}.json"
 
     def reduce_marker(self, order: int, pixel: int) -> UPath:
-        return self.base / "reducing" / f"{order}_{pixel}.json"
+        return self._reducing / f"{order}_{pixel}.json"
 
     def shard(self, src_order: int, src_pixel: int) -> UPath:
         """The one shard file of a map task: every destination's rows, grouped in record batches."""
-        return self.base / "shards" / f"{src_order}_{src_pixel}.arrow"
+        return self._shards / f"{src_order}_{src_pixel}.arrow"
 
     def make_dirs(self):
         for sub in ("mapping", "reducing", "shards"):
