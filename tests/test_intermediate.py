@@ -144,8 +144,8 @@ def test_each_column_of_a_row_group_is_decoded_once(client, wide_row_groups, tmp
     reads: dict[tuple[str, int], list[str]] = {}
     real = hm_io.read_row_group
 
-    def counting(file, path, index, columns=None):
-        table = real(file, path, index, columns)
+    def counting(file, path, index, columns=None, use_threads=True):
+        table = real(file, path, index, columns, use_threads)
         reads.setdefault((str(path), index), []).extend(table.column_names)
         return table
 

@@ -167,9 +167,11 @@ def _kind(kind: pa.DataType) -> str | None:
     return None
 
 
-def read_row_group(file: pq.ParquetFile, path: UPath, index: int, columns=None) -> pa.Table:
+def read_row_group(file: pq.ParquetFile, path: UPath, index: int, columns=None, use_threads: bool = True) -> pa.Table:
+    """Decode one row group (``use_threads=False`` for small ones: thread hand-offs cost more
+    than the decoding)."""
     try:
-        return file.read_row_group(index, columns=columns)
+        return file.read_row_group(index, columns=columns, use_threads=use_threads)
     except (OSError, pa.ArrowInvalid) as exc:
         raise InputCatalogError(f"partition file {path} is corrupt (row group {index}): {exc}") from exc
 

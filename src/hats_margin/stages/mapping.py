@@ -113,14 +113,15 @@ class _RowGroup:
     def __init__(self, task, parquet, path, group):
         self.task, self.parquet, self.path, self.group = task, parquet, path, group
         self.columns: dict[str, pa.ChunkedArray] = {}
-        if parquet.metadata.row_group(group).total_byte_size <= SMALL_ROW_GROUP_BYTES:
+        self.small = parquet.metadata.row_group(group).total_byte_size <= SMALL_ROW_GROUP_BYTES
+        if self.small:
             self.read(task.schema.names)
 
     def read(self, names):
         """Decode the named columns not read yet."""
         missing = [n for n in names if n not in self.columns]
         if missing:
-            table = read_row_group(self.parquet, self.path, self.group, missing)
+            table = read_row_group(self.parquet, self.path, self.group, missing, use_threads=not self.small)
             self.columns.update(zip(table.column_names, table.columns))
 
     def numpy(self, name) -> np.ndarray:
