@@ -1,9 +1,11 @@
 """Mapping: one task per source partition writes its margin rows, grouped by destination, to one shard.
 
-Row group by row group (memory bounded by one row group): read the spatial index, find
-candidate (row, destination) pairs from the nested bits (geometry.candidate_pairs), in
-exact mode read ra/dec of the candidates and keep those within the threshold
-(pixel_distance), and only then read the full row group to write the selected rows.
+Row group by row group (memory bounded by one row group): read the spatial index (and ra/dec in
+exact mode), find candidate (row, destination) pairs from the nested bits
+(geometry.candidate_pairs), in exact mode keep those within the threshold (pixel_distance), and
+only then decode the other columns to send the selected rows to the task's single shard
+(io.ShardWriters). The done marker records the rows and the shard's record batches per
+destination, for the reduce tasks.
 """
 
 from __future__ import annotations
@@ -70,15 +72,14 @@ def map_partition(task) -> dict:
     if done is not None:
         return done
     try:
-        rows = _map(task)
+        rows, batches = _map(task)
     except Exception as exc:
         exc.add_note(f"hats-margin: while mapping partition Norder={task.source[0]}/Npix={task.source[1]} ({task.leaf})")
         raise
-    rows, index = rows
     payload = {
         "source": list(task.source),
         "rows": {f"{o}_{p}": n for (o, p), n in sorted(rows.items())},
-        "batches": {f"{o}_{p}": index[o, p] for (o, p) in sorted(index)},
+        "batches": {f"{o}_{p}": batches[o, p] for (o, p) in sorted(batches)},  # read by the reduce tasks
     }
     write_json(marker, payload)
     return payload

@@ -1,8 +1,9 @@
-"""Reducing: one task per destination pixel streams its shards into the final margin file.
+"""Reducing: one task per destination pixel streams its rows into the final margin file.
 
-Source partitions cover disjoint spatial-index ranges, so sorting each shard and writing
-the shards in range order gives a file sorted by the spatial index, with memory bounded
-by one shard plus one row group.
+From the shard of each source partition sending it rows it reads only its own record batches
+(listed in the map task's marker). Source partitions cover disjoint spatial-index ranges, so
+sorting each source's rows and writing the sources in range order gives a file sorted by the
+spatial index, with memory bounded by one source's rows plus one row group.
 """
 
 from __future__ import annotations
