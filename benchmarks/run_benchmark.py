@@ -21,7 +21,7 @@ write), per-stage times (``result.stage_seconds`` for hats-margin; for the impor
 progress-bar stages), peak RSS of the process tree sampled every 50 ms (max of the sum over the
 process and all its children, i.e. the Dask workers and nannies, and max of a single process;
 shared pages are counted once per process), and the rows (``hats_nrows``) and bytes (files under
-``dataset/``) written. With ``--repeats R`` every run is repeated and the fastest repeat (by
+``dataset/``) written. With ``--repeats R`` every run is repeated and the median repeat (by
 in-pipeline time) is reported.
 
 Generated catalogs and outputs go under ``--data-dir`` (default ``bench-data`` beside the repository), never
@@ -73,11 +73,34 @@ args = MarginCacheArguments(
     overwrite=True,
     tmp_dir=cfg["tmp_dir"],
 )
+# count the intermediate files just before the run deletes them (instrumentation, not the package)
+from hats_margin.stages import finishing
+intermediate = {}
+_clean_up = finishing.clean_up
+def counting_clean_up(plan):
+    files = [p for p in plan.layout.base.rglob("*") if p.is_file()]
+    intermediate["files"] = len(files)
+    intermediate["bytes"] = sum(p.stat().st_size for p in files)
+    return _clean_up(plan)
+finishing.clean_up = counting_clean_up
+import psutil
+def tree_cpu():
+    me = psutil.Process()
+    total = 0.0
+    for p in [me] + me.children(recursive=True):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 with Client(n_workers=cfg["workers"], threads_per_worker=1, local_directory=cfg["dask_tmp"],
             dashboard_address=":0") as client:
     client_ready = time.perf_counter()
+    cpu_ready = tree_cpu()
     result = pipeline_with_client(args, client)
     done = time.perf_counter()
+    cpu_done = tree_cpu()
 stages = getattr(result, "stage_seconds", None)
 try:
     stages = {str(k): float(v) for k, v in dict(stages).items()} if stages else {}
@@ -89,6 +112,9 @@ print("BENCH_JSON " + json.dumps({
     "setup_seconds": client_ready - start,
     "stage_seconds": stages,
     "reported_rows": int(total_rows) if total_rows is not None else None,
+    "in_pipeline_cpu_seconds": cpu_done - cpu_ready,
+    "intermediate_files": intermediate.get("files"),
+    "intermediate_bytes": intermediate.get("bytes"),
 }), flush=True)
 """
 
@@ -200,15 +226,15 @@ class TreeMemorySampler(threading.Thread):
         self.join()
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(src: Path = REPO_SRC) -> dict[str, str]:
     env = dict(os.environ)
-    # Benchmark this checkout's hats_margin, installed or not.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_SRC), env.get("PYTHONPATH", "")) if p)
+    # Benchmark this checkout's hats_margin (or --baseline-src's), installed or not.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
 
-def measure(command: list[str], log_prefix: Path) -> dict:
+def measure(command: list[str], log_prefix: Path, src: Path = REPO_SRC) -> dict:
     """Run ``command``; return wall time, peak RSS, exit code and the child's BENCH_JSON dict."""
     log_prefix.parent.mkdir(parents=True, exist_ok=True)
     stdout_path = log_prefix.with_suffix(".stdout")
@@ -217,7 +243,7 @@ def measure(command: list[str], log_prefix: Path) -> dict:
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=_child_env())
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=_child_env(src))
         sampler = TreeMemorySampler(process.pid)
         sampler.start()
         returncode = process.wait()
@@ -284,9 +310,11 @@ def _is_valid(catalog: Path) -> bool:
 
 
 def run_pipeline(
-    kind: str, catalog: Path, work: Path, threshold: float, workers: int, tag: str, validate: bool = True
+    kind: str, catalog: Path, work: Path, threshold: float, workers: int, tag: str, validate: bool = True,
+    src: Path = REPO_SRC,
 ) -> dict:
-    """One hats-margin (``exact``/``coarse``) or importer run in a fresh subprocess."""
+    """One hats-margin (``exact``/``coarse``) or importer run in a fresh subprocess; ``src`` is the
+    hats_margin source tree to run (another commit's, for a before/after comparison)."""
     run_dir = work / f"{tag}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -301,7 +329,7 @@ def run_pipeline(
         "dask_tmp": str(run_dir / "dask-tmp"),
     }
     code = IMPORTER_CHILD if kind == "importer" else OURS_CHILD
-    result = measure([sys.executable, "-c", code, json.dumps(config)], work / "logs" / tag)
+    result = measure([sys.executable, "-c", code, json.dumps(config)], work / "logs" / tag, src)
     output = Path(config["output_path"]) / config["artifact"]
     result.update(_output_summary(output))
     if validate and not result.get("error"):
@@ -360,16 +388,17 @@ def importer_available() -> bool:
 
 
 def best_of(results: list[dict]) -> dict:
-    """The fastest successful repeat (by in-pipeline time), with all repeats' times attached."""
+    """The median successful repeat (by in-pipeline time; the lower one of an even count), with all
+    repeats' times attached."""
     ok = [r for r in results if not r.get("error") and r.get("in_pipeline_seconds") is not None]
     if not ok:
         return results[-1]
-    best = dict(min(ok, key=lambda r: r["in_pipeline_seconds"]))
+    ranked = sorted(ok, key=lambda r: r["in_pipeline_seconds"])
+    best = dict(ranked[(len(ranked) - 1) // 2])
     best["repeats_in_pipeline_seconds"] = [r["in_pipeline_seconds"] for r in ok]
     best["repeats_wall_seconds"] = [r["wall_seconds"] for r in ok]
-    if len(ok) > 1:
-        best["median_in_pipeline_seconds"] = statistics.median(best["repeats_in_pipeline_seconds"])
-        best["median_wall_seconds"] = statistics.median(best["repeats_wall_seconds"])
+    best["median_in_pipeline_seconds"] = statistics.median(best["repeats_in_pipeline_seconds"])
+    best["median_wall_seconds"] = statistics.median(best["repeats_wall_seconds"])
     return best
 
 
@@ -382,6 +411,12 @@ def _fmt_seconds(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _fmt_intermediate(r: dict) -> str:
+    if r.get("intermediate_files") is None:
+        return "-"
+    return f"{r['intermediate_files']} / {r['intermediate_bytes'] / 1e6:.1f}"
+
+
 def _fmt_stages(stages: dict | None) -> str:
     if not stages:
         return "-"
@@ -390,27 +425,28 @@ def _fmt_stages(stages: dict | None) -> str:
 
 def markdown_table(results: list[dict]) -> str:
     header = (
-        "| run | workers | wall s | CPU s | in-pipeline s | stages s | peak RSS sum MB | peak RSS max proc MB "
-        "| rows | bytes | files |"
+        "| run | workers | wall s | CPU s | in-pipeline s | in-pipeline CPU s | stages s | peak RSS sum MB | peak RSS max proc MB "
+        "| rows | bytes | files | intermediate files / MB |"
     )
     lines = [
         header,
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.get("error"):
             lines.append(
                 f"| {r['run']} | {r['workers']} | {_fmt_seconds(r.get('wall_seconds'))} | | FAILED "
-                f"(exit {r.get('returncode')}) | | | | | | |"
+                f"(exit {r.get('returncode')}) | | | | | | | | |"
             )
             continue
         lines.append(
             f"| {r['run']} | {r['workers']} | {_fmt_seconds(r['wall_seconds'])} "
-            f"| {_fmt_seconds(r.get('cpu_seconds'))} | {_fmt_seconds(r.get('in_pipeline_seconds'))} | {_fmt_stages(r.get('stage_seconds'))} "
+            f"| {_fmt_seconds(r.get('cpu_seconds'))} | {_fmt_seconds(r.get('in_pipeline_seconds'))} "
+            f"| {_fmt_seconds(r.get('in_pipeline_cpu_seconds'))} | {_fmt_stages(r.get('stage_seconds'))} "
             f"| {r['peak_rss_sum_bytes'] / 2**20:.0f} | {r['peak_rss_single_bytes'] / 2**20:.0f} "
             f"| {r.get('rows') if r.get('rows') is not None else '-'} "
             f"| {r.get('bytes') if r.get('bytes') is not None else '-'} "
-            f"| {r.get('files', '-')} |"
+            f"| {r.get('files', '-')} | {_fmt_intermediate(r)} |"
         )
     return "\n".join(lines)
 
@@ -446,6 +482,22 @@ def compute_ratios(by_run: dict[str, dict]) -> dict[str, float | None]:
             value("exact", "in_pipeline_seconds"), value("coarse", "in_pipeline_seconds")
         ),
         "exact / coarse (wall)": _ratio(value("exact", "wall_seconds"), value("coarse", "wall_seconds")),
+        "exact-base / exact (in-pipeline)": _ratio(
+            value("exact-base", "in_pipeline_seconds"), value("exact", "in_pipeline_seconds")
+        ),
+        "exact-base_in_pipeline / floor": _ratio(value("exact-base", "in_pipeline_seconds"), floor),
+        "exact_in_pipeline_cpu / floor_cpu": _ratio(
+            value("exact", "in_pipeline_cpu_seconds"), value("floor", "in_pipeline_cpu_seconds")
+        ),
+        "coarse_in_pipeline_cpu / floor_cpu": _ratio(
+            value("coarse", "in_pipeline_cpu_seconds"), value("floor", "in_pipeline_cpu_seconds")
+        ),
+        "exact-base_in_pipeline_cpu / floor_cpu": _ratio(
+            value("exact-base", "in_pipeline_cpu_seconds"), value("floor", "in_pipeline_cpu_seconds")
+        ),
+        "exact-base / exact (in-pipeline CPU)": _ratio(
+            value("exact-base", "in_pipeline_cpu_seconds"), value("exact", "in_pipeline_cpu_seconds")
+        ),
     }
 
 
@@ -508,6 +560,11 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated subset of exact,coarse,importer,floor (default: all)",
     )
     parser.add_argument("--scaling", action="store_true", help="also run exact mode with 1 and 2 workers")
+    parser.add_argument(
+        "--baseline-src",
+        help="a hats_margin source tree of another commit (e.g. from `git archive`): adds the runs "
+        "exact-base (and coarse-base with --runs), side by side with this checkout's",
+    )
     parser.add_argument("--floor-rows", type=int, default=None, help="rows for the floor to write")
     parser.add_argument(
         "--data-dir",
@@ -531,7 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.data_dir) / "runs" / stamp
     work.mkdir(parents=True, exist_ok=True)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = set(runs) - {"exact", "coarse", "importer", "floor"}
+    if args.baseline_src and "exact-base" not in runs:
+        runs.append("exact-base")
+    unknown = set(runs) - {"exact", "coarse", "importer", "floor", "exact-base", "coarse-base"}
     if unknown:
         parser.error(f"unknown runs: {sorted(unknown)}")
     if "importer" in runs and not (args.importer and importer_available()):
@@ -561,8 +620,11 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeats):
         for run in [r for r in runs if r != "floor"]:
             tag = f"{run}_w{args.workers}_r{repeat}"
-            result = run_pipeline(run, catalog, work, args.threshold, args.workers, tag, args.validate)
+            kind, _, base = run.partition("-")
+            src = Path(args.baseline_src).resolve() if base else REPO_SRC
+            result = run_pipeline(kind, catalog, work, args.threshold, args.workers, tag, args.validate, src)
             result["tag"] = tag
+            result["run"] = run
             all_results[run].append(finish(result))
         if "floor" in runs:
             rows = args.floor_rows
@@ -579,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
                 all_results["floor"].append(finish(result))
 
     best = {run: best_of(results) for run, results in all_results.items() if results}
-    order = [run for run in ("floor", "exact", "coarse", "importer") if run in best]
+    order = [run for run in ("floor", "exact", "exact-base", "coarse", "coarse-base", "importer") if run in best]
     table = markdown_table([best[run] for run in order])
     ratios = compute_ratios(best)
     print()

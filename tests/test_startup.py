@@ -57,7 +57,7 @@ def test_default_run_uses_an_in_process_cluster_and_times_the_whole_run(catalogs
 
 def test_existing_output_is_refused_before_any_cluster_starts(catalogs, tmp_path, cluster_spy):
     pipeline(_args(catalogs, tmp_path))
-    with pytest.raises(OutputExistsError, match="already contains a valid catalog"):
+    with pytest.raises(OutputExistsError, match="already contains a catalog"):
         pipeline(_args(catalogs, tmp_path))
     assert len(cluster_spy) == 1, "the refused run started no cluster"
 
@@ -86,7 +86,7 @@ def test_command_line_errors_load_neither_hats_nor_dask(tmp_path, case):
     """)
     run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert run.stdout.strip() == "2 []", run.stdout + run.stderr
-    expected = "does not exist" if case == "missing input" else "already contains a valid catalog"
+    expected = "does not exist" if case == "missing input" else "already contains a catalog"
     assert run.stderr.startswith("hats-margin: error: ") and expected in run.stderr
 
 

@@ -13,6 +13,7 @@ import posixpath
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
@@ -265,9 +266,11 @@ def _kind(kind: pa.DataType) -> str | None:
     return None
 
 
-def read_row_group(file: pq.ParquetFile, path: UPath, index: int, columns=None) -> pa.Table:
+def read_row_group(file: pq.ParquetFile, path: UPath, index: int, columns=None, use_threads: bool = True) -> pa.Table:
+    """Decode one row group (``use_threads=False`` for small ones: thread hand-offs cost more
+    than the decoding)."""
     try:
-        return file.read_row_group(index, columns=columns)
+        return file.read_row_group(index, columns=columns, use_threads=use_threads)
     except (OSError, pa.ArrowInvalid) as exc:
         raise InputCatalogError(f"partition file {path} is corrupt (row group {index}): {exc}") from exc
 
@@ -281,12 +284,16 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 # ---------------------------------------------------------------- intermediate layout
+INTERMEDIATE_FORMAT = 2
+"""Version of the shard and marker layout, part of a run's fingerprint: intermediate files of
+another layout (1: one shard per source x destination pair) are never resumed."""
+
 # every path a run writes below its intermediate directory (relative, '/'-separated); the
 # temporary names are io.write_json's
 _INTERMEDIATE_ENTRY = re.compile(
     r"run\.json|\.run\.json\.\d+\.tmp"
     r"|(mapping|reducing)(/(\d+_\d+\.json|\.\d+_\d+\.json\.\d+\.tmp))?"
-    r"|shards(/\d+_\d+(/\d+_\d+\.arrow)?)?"
+    r"|shards(/\d+_\d+\.arrow|/\d+_\d+(/\d+_\d+\.arrow)?)?"  # format 2 (per map task), and 1
 )
 
 
@@ -332,14 +339,28 @@ class TempLayout:
     def run_file(self) -> UPath:
         return self.base / "run.json"
 
+    # the directories are joined once per layout (a UPath join costs ~50 us, a task needs several)
+    @cached_property
+    def _mapping(self) -> UPath:
+        return self.base / "mapping"
+
+    @cached_property
+    def _reducing(self) -> UPath:
+        return self.base / "reducing"
+
+    @cached_property
+    def _shards(self) -> UPath:
+        return self.base / "shards"
+
     def map_marker(self, order: int, pixel: int) -> UPath:
-        return self.base / "mapping" / f"{order}_{pixel}.json"
+        return self._mapping / f"{order}_{pixel}.json"
 
     def reduce_marker(self, order: int, pixel: int) -> UPath:
-        return self.base / "reducing" / f"{order}_{pixel}.json"
+        return self._reducing / f"{order}_{pixel}.json"
 
-    def shard(self, dest_order: int, dest_pixel: int, src_order: int, src_pixel: int) -> UPath:
-        return self.base / "shards" / f"{dest_order}_{dest_pixel}" / f"{src_order}_{src_pixel}.arrow"
+    def shard(self, src_order: int, src_pixel: int) -> UPath:
+        """The one shard file of a map task: every destination's rows, grouped in record batches."""
+        return self._shards / f"{src_order}_{src_pixel}.arrow"
 
     def make_dirs(self):
         for sub in ("mapping", "reducing", "shards"):
@@ -387,42 +408,88 @@ def read_json(path: UPath) -> dict | None:
         return None
 
 
-class ShardWriters:
-    """One Arrow IPC shard per destination pixel for the rows a source partition sends it."""
+SHARD_FLUSH_BYTES = 4 << 20
+"""Rows a map task holds in memory before writing them to its shard: small beside a row group
+(the memory bound), large enough that a destination's rows from many row groups share a batch."""
 
-    def __init__(self, layout: TempLayout, src_order: int, src_pixel: int, schema: pa.Schema):
-        self.layout, self.src, self.schema = layout, (src_order, src_pixel), schema
-        self._writers: dict[tuple[int, int], tuple[object, ipc.RecordBatchFileWriter]] = {}
+
+class ShardWriters:
+    """The single Arrow IPC shard of one map task (source partition), whatever the number of
+    destinations: O(map tasks) intermediate files, never O(source x destination pairs).
+
+    Rows are buffered per destination and written, destination after destination, as record
+    batches; ``index`` says which batches hold which destination's rows (recorded in the map
+    task's done marker), so a reduce task reads only its own batches (random access in the IPC
+    file format). The buffer is flushed whenever it holds ``flush_bytes``, so memory stays
+    bounded by one row group plus ``flush_bytes``. Shard layout is keyed by destination pixel
+    only, so several thresholds could later share one read by adding a threshold to the key.
+    """
+
+    def __init__(self, layout: TempLayout, src_order: int, src_pixel: int, schema: pa.Schema,
+                 flush_bytes: int = SHARD_FLUSH_BYTES):
+        self.path = layout.shard(src_order, src_pixel)
+        self.schema, self.flush_bytes = schema, flush_bytes
+        self._sink = self._writer = None
+        self._pending: dict[tuple[int, int], list[pa.Table]] = {}
+        self._pending_bytes = 0
+        self._batches = 0
         self.rows: dict[tuple[int, int], int] = {}
+        self.index: dict[tuple[int, int], list[int]] = {}
 
     def write(self, dest: tuple[int, int], table: pa.Table):
-        if dest not in self._writers:
-            path = self.layout.shard(*dest, *self.src)
-            location, fs = arrow_location(path)
-            try:
-                sink = pa.OSFile(location, "wb") if fs is None else fs.open(location, "wb")
-            except FileNotFoundError:  # first shard of this destination: make its directory
-                path.parent.mkdir(parents=True, exist_ok=True)
-                sink = pa.OSFile(location, "wb") if fs is None else fs.open(location, "wb")
-            self._writers[dest] = (sink, ipc.new_file(sink, self.schema))
-            self.rows[dest] = 0
-        self._writers[dest][1].write_table(table)
-        self.rows[dest] += table.num_rows
+        """Send ``table`` (rows of the catalog schema) to destination ``dest``."""
+        if not table.num_rows:
+            return
+        self._pending.setdefault(dest, []).append(table)
+        self._pending_bytes += table.nbytes
+        self.rows[dest] = self.rows.get(dest, 0) + table.num_rows
+        if self._pending_bytes >= self.flush_bytes:
+            self.flush()
+
+    def flush(self):
+        """Write the buffered rows: one record batch per destination."""
+        if self._pending:
+            self._write_pending()
+
+    def _write_pending(self):
+        if self._writer is None:
+            location, fs = arrow_location(self.path)
+            self._sink = pa.OSFile(location, "wb") if fs is None else fs.open(location, "wb")
+            self._writer = ipc.new_file(self._sink, self.schema)
+        for dest in sorted(self._pending):
+            tables = self._pending[dest]
+            table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+            for batch in table.combine_chunks().to_batches():
+                self._writer.write_batch(batch)
+                self.index.setdefault(dest, []).append(self._batches)
+                self._batches += 1
+        self._pending.clear()
+        self._pending_bytes = 0
 
     def close(self):
-        for sink, writer in self._writers.values():
-            writer.close()
-            sink.close()
-        self._writers.clear()
+        """Flush and complete the file (its footer makes the batches readable)."""
+        self.flush()
+        self.abort()
+
+    def abort(self):
+        """Release the file without flushing (after a failure; the marker is never written)."""
+        self._pending.clear()
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._writer = self._sink = None
 
 
-def read_shard(path: UPath) -> pa.Table:
+def read_shard(path: UPath, batches) -> pa.Table:
+    """The given record batches of a map task's shard, as one table (reads only those batches)."""
     location, fs = arrow_location(path)
     if fs is None:
         with pa.memory_map(location) as source:
-            return ipc.open_file(source).read_all()
+            reader = ipc.open_file(source)
+            return pa.Table.from_batches([reader.get_batch(i) for i in batches], schema=reader.schema)
     with fs.open(location, "rb") as source:
-        return ipc.open_file(source).read_all()
+        reader = ipc.open_file(source)
+        return pa.Table.from_batches([reader.get_batch(i) for i in batches], schema=reader.schema)
 
 
 def margin_write_kwargs(schema: pa.Schema, spatial_index_column: str, user_kwargs: dict | None) -> dict:

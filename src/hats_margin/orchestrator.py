@@ -365,13 +365,14 @@ def _reduce_tasks(plan, map_results: dict[str, dict]) -> list:
     from hats_margin.stages import reducing
 
     args, catalog = plan.args, plan.catalog
-    sources: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    sources: dict[tuple[int, int], list[tuple[int, int, tuple[int, ...], int]]] = {}
     for payload in map_results.values():
         source = tuple(payload["source"])
+        batches = payload.get("batches", {})
         for key, n in payload["rows"].items():
             if n:
                 dest = tuple(int(x) for x in key.split("_"))
-                sources.setdefault(dest, []).append((*source, n))
+                sources.setdefault(dest, []).append((*source, tuple(batches[key]), n))
     write_kwargs = margin_write_kwargs(catalog.schema, catalog.healpix_column, args.write_table_kwargs)
     tasks = []
     for dest, items in sources.items():
@@ -380,7 +381,7 @@ def _reduce_tasks(plan, map_results: dict[str, dict]) -> list:
             reducing.ReduceTask(
                 key=f"{dest[0]}_{dest[1]}",
                 pixel=dest,
-                sources=tuple((o, p) for o, p, _ in items),
+                sources=tuple((o, p, b) for o, p, b, _ in items),
                 expected_rows=sum(n for *_, n in items),
                 output_file=output_file(plan.build_path, *dest, args.npix_suffix, args.npix_parquet_name),
                 schema=catalog.schema,

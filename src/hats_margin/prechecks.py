@@ -101,6 +101,6 @@ def looks_like_catalog(target: UPath) -> bool:
 def exists_message(target) -> str:
     """The refusal for an output that holds a catalog."""
     return (
-        f"{target} already contains a valid catalog; pass overwrite=True (CLI: --overwrite) to "
+        f"{target} already contains a catalog; pass overwrite=True (CLI: --overwrite) to "
         "replace it, or choose another output_artifact_name"
     )

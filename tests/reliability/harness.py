@@ -216,7 +216,7 @@ def snapshot(run: Run) -> dict:
         "run_json": (run.base / "run.json").exists(),
         "map_markers": count(run.base / "mapping"),
         "reduce_markers": count(run.base / "reducing"),
-        "shards": count(run.base / "shards", "*/*.arrow"),
+        "shards": count(run.base / "shards", "*.arrow"),
         "margin_files": count(target / "dataset", "Norder=*/Dir=*/Npix=*"),
         # a margin file being written (published under its final name only when complete)
         "margin_temps": count(target / "dataset", "Norder=*/Dir=*/.Npix=*.tmp"),

@@ -14,7 +14,9 @@ package. Points (``:N`` = at the N-th occurrence); the map/reduce points need ``
     after-plan            planning done, before the output lock is taken
     after-lock            lock taken, before the intermediate directory is prepared
     after-run-json        intermediate directory and run.json written, no task run yet
-    map-shard:N           after the N-th shard write (a map task half done, no marker)
+    map-shard:N           after the N-th write of buffered rows into a map task's shard (the
+                          shard has batches but no footer yet, no marker)
+    map-shard-closed:N    after the N-th map task's shard is complete, before its done marker
     map-marker:N          after the N-th map done marker
     reduce-write:N        after the N-th write into a margin file (a partial parquet file)
     reduce-marker:N       after the N-th reduce done marker
@@ -82,7 +84,9 @@ def install(point: str, action=None):
     elif name == "after-run-json":
         after(pipeline, "prepare_intermediate", nth, action)
     elif name == "map-shard":
-        after(io.ShardWriters, "write", nth, action)
+        after(io.ShardWriters, "_write_pending", nth, action)
+    elif name == "map-shard-closed":
+        after(io.ShardWriters, "close", nth, action)
     elif name == "map-marker":
         after(mapping, "write_json", nth, action)
     elif name == "reduce-write":

@@ -123,6 +123,7 @@ EXACT_POINTS = [
     ("after-run-json", "planning"),
     ("map-shard:1", "mapping"),
     ("map-shard:9", "mapping"),
+    ("map-shard-closed:2", "mapping"),
     ("map-marker:1", "mapping"),
     ("map-marker:13", "mapping"),
     ("map-marker:14", "mapping"),

@@ -1,9 +1,11 @@
-"""Mapping: one task per source partition sends its margin rows to per-destination shards.
+"""Mapping: one task per source partition writes its margin rows, grouped by destination, to one shard.
 
-Row group by row group (memory bounded by one row group): read the spatial index, find
-candidate (row, destination) pairs from the nested bits (geometry.candidate_pairs), in
-exact mode read ra/dec of the candidates and keep those within the threshold
-(pixel_distance), and only then read the full row group to write the selected rows.
+Row group by row group (memory bounded by one row group): read the spatial index (and ra/dec in
+exact mode), find candidate (row, destination) pairs from the nested bits
+(geometry.candidate_pairs), in exact mode keep those within the threshold (pixel_distance), and
+only then decode the other columns to send the selected rows to the task's single shard
+(io.ShardWriters). The done marker records the rows and the shard's record batches per
+destination, for the reduce tasks.
 """
 
 from __future__ import annotations
@@ -70,16 +72,21 @@ def map_partition(task) -> dict:
     if done is not None:
         return done
     try:
-        rows = _map(task)
+        rows, batches = _map(task)
     except Exception as exc:
         exc.add_note(f"hats-margin: while mapping partition Norder={task.source[0]}/Npix={task.source[1]} ({task.leaf})")
         raise
-    payload = {"source": list(task.source), "rows": {f"{o}_{p}": n for (o, p), n in sorted(rows.items())}}
+    payload = {
+        "source": list(task.source),
+        "rows": {f"{o}_{p}": n for (o, p), n in sorted(rows.items())},
+        "batches": {f"{o}_{p}": batches[o, p] for (o, p) in sorted(batches)},  # read by the reduce tasks
+    }
     write_json(marker, payload)
     return payload
 
 
-def _map(task) -> dict[tuple[int, int], int]:
+def _map(task) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], list[int]]]:
+    """Rows sent per destination, and the shard's record batches holding each destination's rows."""
     dests = geometry.Tiling.from_pixels(task.dest_orders, task.dest_pixels)
     writers = ShardWriters(task.layout, *task.source, task.schema)
     try:
@@ -88,13 +95,52 @@ def _map(task) -> dict[tuple[int, int], int]:
             check_file_schema(parquet, path, task.schema)
             for group in range(parquet.num_row_groups):
                 _map_row_group(task, dests, parquet, path, group, writers)
-    finally:
-        writers.close()
-    return dict(writers.rows)
+    except BaseException:
+        writers.abort()
+        raise
+    writers.close()
+    return dict(writers.rows), dict(writers.index)
+
+
+SMALL_ROW_GROUP_BYTES = 1 << 20
+"""Row groups below this decoded size are read whole in one call: for them the per-call cost of
+three reads (index, ra/dec, the rest) exceeds decoding the columns a margin does not need."""
+
+
+class _RowGroup:
+    """The columns of one row group read so far: each column is decoded at most once, the
+    spatial index (and ra/dec in exact mode) first, the other columns only if margin rows remain."""
+
+    def __init__(self, task, parquet, path, group):
+        self.task, self.parquet, self.path, self.group = task, parquet, path, group
+        self.columns: dict[str, pa.ChunkedArray] = {}
+        self.small = parquet.metadata.row_group(group).total_byte_size <= SMALL_ROW_GROUP_BYTES
+        if self.small:
+            self.read(task.schema.names)
+
+    def read(self, names):
+        """Decode the named columns not read yet."""
+        missing = [n for n in names if n not in self.columns]
+        if missing:
+            table = read_row_group(self.parquet, self.path, self.group, missing, use_threads=not self.small)
+            self.columns.update(zip(table.column_names, table.columns))
+
+    def numpy(self, name) -> np.ndarray:
+        self.read([name])
+        return self.columns[name].to_numpy()
+
+    def table(self) -> pa.Table:
+        """Every column of the catalog schema, in its order and types."""
+        self.read(self.task.schema.names)
+        names = self.task.schema.names
+        return conform(pa.table([self.columns[n] for n in names], names=names), self.task.schema)
 
 
 def _map_row_group(task, dests, parquet, path, group, writers):
-    index = read_row_group(parquet, path, group, [task.healpix_column]).column(0)
+    """Send the margin rows of one row group to the shard, grouped by destination."""
+    row_group = _RowGroup(task, parquet, path, group)
+    row_group.read([task.healpix_column, task.ra_column, task.dec_column] if task.fine_filtering else [task.healpix_column])
+    index = row_group.columns[task.healpix_column]
     if index.null_count:
         raise InputCatalogError(f"{path}: the spatial index column {task.healpix_column!r} has null values")
     spatial_index = index.to_numpy().astype(np.int64, copy=False)
@@ -106,11 +152,12 @@ def _map_row_group(task, dests, parquet, path, group, writers):
     )
     if len(rows) == 0:
         return
+    # checks of the candidate rows' own values (ra/dec: row_group.numpy(task.ra_column)) go here
     if task.fine_filtering:
-        rows, dest_idx = _exact_filter(task, dests, parquet, path, group, spatial_index, rows, dest_idx)
+        rows, dest_idx = _exact_filter(task, dests, row_group, spatial_index, rows, dest_idx)
         if len(rows) == 0:
             return
-    table = conform(read_row_group(parquet, path, group), task.schema)
+    table = row_group.table()
     for lo, hi in _runs(dest_idx):
         dest = (int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
         writers.write(dest, table.take(pa.array(rows[lo:hi])))
@@ -128,10 +175,9 @@ def _check_rows_in_partition(task, path, spatial_index):
         )
 
 
-def _exact_filter(task, dests, parquet, path, group, spatial_index, rows, dest_idx):
-    radec = read_row_group(parquet, path, group, [task.ra_column, task.dec_column])
-    ra = radec.column(0).to_numpy()
-    dec = radec.column(1).to_numpy()
+def _exact_filter(task, dests, row_group, spatial_index, rows, dest_idx):
+    ra = row_group.numpy(task.ra_column)
+    dec = row_group.numpy(task.dec_column)
     keep = np.zeros(len(rows), dtype=bool)
     for lo, hi in _runs(dest_idx):
         dest = (int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))

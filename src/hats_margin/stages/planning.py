@@ -21,6 +21,7 @@ from hats_margin import collection, geometry
 from hats_margin.arguments import MarginCacheArguments
 from hats_margin.errors import ArgumentError, InputCatalogError
 from hats_margin.io import (
+    INTERMEDIATE_FORMAT,
     TempLayout,
     as_upath,
     canonical_path,
@@ -220,6 +221,7 @@ def make_fingerprint(args: MarginCacheArguments, catalog: InputCatalog, margin_o
         "write_table_kwargs": digest(args.write_table_kwargs or {}),
         "create_metadata": bool(args.create_metadata),
         "addl_hats_properties": digest(args.addl_hats_properties or {}),
+        "intermediate_format": INTERMEDIATE_FORMAT,
     }
 
 

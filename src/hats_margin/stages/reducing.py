@@ -1,8 +1,9 @@
-"""Reducing: one task per destination pixel streams its shards into the final margin file.
+"""Reducing: one task per destination pixel streams its rows into the final margin file.
 
-Source partitions cover disjoint spatial-index ranges, so sorting each shard and writing
-the shards in range order gives a file sorted by the spatial index, with memory bounded
-by one shard plus one row group.
+From the shard of each source partition sending it rows it reads only its own record batches
+(listed in the map task's marker). Source partitions cover disjoint spatial-index ranges, so
+sorting each source's rows and writing the sources in range order gives a file sorted by the
+spatial index, with memory bounded by one source's rows plus one row group.
 
 The file is written under a temporary name beside its final one and renamed only when it
 holds every row: a failing reduce never truncates or half-writes a published file.
@@ -31,7 +32,9 @@ from hats_margin.io import (
 class ReduceTask:
     key: str
     pixel: tuple[int, int]
-    sources: tuple[tuple[int, int], ...]
+    sources: tuple[tuple[int, int, tuple[int, ...]], ...]
+    """(order, pixel, record batches of its shard) of every source partition sending rows, in
+    spatial-index order."""
     expected_rows: int
     output_file: UPath
     schema: pa.Schema
@@ -50,8 +53,8 @@ def reduce_pixel(task: ReduceTask) -> dict:
     try:
         writer = MarginFileWriter(temporary, task.schema, task.write_kwargs)
         try:
-            for source in task.sources:
-                shard = read_shard(task.layout.shard(*task.pixel, *source))
+            for src_order, src_pixel, batches in task.sources:
+                shard = read_shard(task.layout.shard(src_order, src_pixel), batches)
                 writer.write(shard.sort_by(task.healpix_column))
         finally:
             writer.close()
