@@ -14,16 +14,16 @@ from upath import UPath
 
 from hats_margin import artifact
 from hats_margin.errors import ArgumentError, InputCatalogError, OutputExistsError
-from hats_margin.io import TempLayout, as_upath, is_local, lists_partitions
+from hats_margin.io import TempLayout, as_upath, is_local, lists_partitions, path_relation
 from hats_margin.resume import LOCK_NAME
 
 
 def precheck(args) -> None:
     """Input exists and is a directory; the output location is usable; an output holding a
     catalog is refused when overwrite=False and no run of ours left it unfinished."""
-    if lists_partitions(as_upath(args.input_catalog_path)):  # HTTP cannot tell a directory exists
-        check_input_directory(args.input_catalog_path)
+    input_path = check_input_directory(args.input_catalog_path)
     check_output_directories(args)
+    check_path_relations(args, input_path)
     target = args.catalog_path
     if args.overwrite or not looks_like_catalog(target):
         return
@@ -33,9 +33,44 @@ def precheck(args) -> None:
     raise OutputExistsError(exists_message(target))
 
 
+def check_path_relations(args, input_path: UPath):
+    """One relation check for every store (local, s3://, http://...), with and without overwrite:
+    the artifact directory and the intermediate files are deleted or replaced, the input never."""
+    for name, path, refused in (
+        ("tmp_dir", args.tmp_base if args.tmp_dir is not None else None, ("same", "inside", "contains")),
+        ("dask_tmp", args.dask_tmp, ("same", "inside")),  # workers' scratch: never deleted by us
+    ):
+        if path is not None and path_relation(path, input_path) in refused:
+            raise ArgumentError(
+                f"{name} {getattr(args, name)} overlaps the input catalog {input_path} (intermediate files in "
+                f"{path}): hats-margin never writes into its input; choose a {name} outside it"
+            )
+    target = args.catalog_path
+    relation = path_relation(target, input_path)
+    if relation in ("same", "inside"):
+        where = "the same directory as" if relation == "same" else "inside"
+        raise ArgumentError(
+            f"the output {target} (output_path/output_artifact_name) is {where} the input catalog "
+            f"{input_path}; choose an output_path outside the input"
+        )
+    if relation == "contains":
+        raise ArgumentError(
+            f"the input catalog {input_path} is inside the output directory {target} "
+            "(output_path/output_artifact_name); choose another output_artifact_name or output_path"
+        )
+    if args.tmp_dir is None and args.dask_tmp is not None and path_relation(args.tmp_base, input_path):
+        raise ArgumentError(
+            f"dask_tmp {args.dask_tmp} would put the intermediate files {args.tmp_base} in the input catalog "
+            f"{input_path}; choose a tmp_dir outside it"
+        )
+
+
 def check_input_directory(path) -> UPath:
-    """``path`` as a UPath, if it is an existing directory."""
+    """``path`` as a UPath, if it is an existing directory. Stores that cannot list (HTTP) cannot
+    tell whether a directory exists: there the read of its properties says so."""
     path = as_upath(path)
+    if not lists_partitions(path):
+        return path
     if not path.exists():
         raise InputCatalogError(f"input_catalog_path {path} does not exist")
     if not path.is_dir():

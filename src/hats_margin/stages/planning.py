@@ -29,10 +29,9 @@ from hats_margin.io import (
     leaf_path,
     list_leaves,
     lists_partitions,
-    path_relation,
     read_input_schema,
 )
-from hats_margin.prechecks import check_input_directory, check_output_directories
+from hats_margin.prechecks import check_input_directory, check_output_directories, check_path_relations
 from hats_margin.resume import digest
 from hats_margin.stages.mapping import MapTask
 
@@ -97,8 +96,7 @@ def open_input(path) -> InputCatalog:
     """The primary catalog at ``path`` (for a HATS collection, the collection's primary)."""
     path = as_upath(path)
     listable = lists_partitions(path)  # else (HTTP, object stores) nothing is listed or stat'ed as a directory
-    if listable:
-        path = check_input_directory(path)
+    path = check_input_directory(path)
     path = collection.primary_path(path)
     try:
         properties = TableProperties.read_from_dir(path)
@@ -152,36 +150,9 @@ def open_input(path) -> InputCatalog:
 
 
 def check_output_location(args: MarginCacheArguments, input_path: UPath):
+    """The output directories are usable and none of them overlaps the (resolved) input."""
     check_output_directories(args)
-    # one relation check for every store (local, s3://, ...), with and without overwrite: the
-    # artifact directory and the intermediate files are deleted or replaced, the input never
-    for name, path, refused in (
-        ("tmp_dir", args.tmp_base if args.tmp_dir is not None else None, ("same", "inside", "contains")),
-        ("dask_tmp", args.dask_tmp, ("same", "inside")),  # workers' scratch: never deleted by us
-    ):
-        if path is not None and path_relation(path, input_path) in refused:
-            raise ArgumentError(
-                f"{name} {getattr(args, name)} overlaps the input catalog {input_path} (intermediate files in "
-                f"{path}): hats-margin never writes into its input; choose a {name} outside it"
-            )
-    target = args.catalog_path
-    relation = path_relation(target, input_path)
-    if relation in ("same", "inside"):
-        where = "the same directory as" if relation == "same" else "inside"
-        raise ArgumentError(
-            f"the output {target} (output_path/output_artifact_name) is {where} the input catalog "
-            f"{input_path}; choose an output_path outside the input"
-        )
-    if relation == "contains":
-        raise ArgumentError(
-            f"the input catalog {input_path} is inside the output directory {target} "
-            "(output_path/output_artifact_name); choose another output_artifact_name or output_path"
-        )
-    if args.tmp_dir is None and args.dask_tmp is not None and path_relation(args.tmp_base, input_path):
-        raise ArgumentError(
-            f"dask_tmp {args.dask_tmp} would put the intermediate files {args.tmp_base} in the input catalog "
-            f"{input_path}; choose a tmp_dir outside it"
-        )
+    check_path_relations(args, input_path)
 
 
 def resolve_margin_order(args: MarginCacheArguments, catalog: InputCatalog) -> int:
