@@ -185,23 +185,35 @@ class OutputLock:
             return
         except FileExistsError:
             pass
-        holder = read_json(self.path) or {}
+        holder, etag = self._read_remote()
         host, pid = holder.get("host"), holder.get("pid")
         if not (host == self.owner["host"] and isinstance(pid, int) and not _pid_alive(pid)):
             raise self._locked_error(holder)
-        fs.invalidate_cache(key)
-        etag = fs.info(key).get("ETag")
         if not etag:
             raise OutputLockedError(
                 f"the lock {self.path} of dead process {pid} cannot be replaced safely on this store "
-                "(no ETag); delete it and try again"
+                "(it gives no ETag); delete it and try again"
             )
         try:
-            fs.pipe_file(key, text, IfMatch=etag)  # only one of several takers replaces that version
+            # only the version judged stale is replaced: of several takers, one wins
+            fs.pipe_file(key, text, IfMatch=etag)
         except OSError as exc:
-            raise self._locked_error(read_json(self.path) or {}) from exc
+            raise self._locked_error(self._read_remote()[0]) from exc
         logger.warning("taking over a stale lock %s of dead process %s", self.path, pid)
         self.taken_over = holder
+
+    def _read_remote(self) -> tuple[dict, str | None]:
+        """The lock's record and the ETag of that very version (one consistent read)."""
+        fs, key = self.path.fs, self.path.path
+        fs.invalidate_cache(key)
+        try:
+            with fs.open(key, "rb") as handle:
+                etag = (getattr(handle, "details", None) or {}).get("ETag")
+                raw = handle.read()
+            record = json.loads(raw)
+        except (OSError, ValueError):  # gone, replaced while read, or not JSON
+            return {}, None
+        return (record if isinstance(record, dict) else {}), etag
 
     # ------------------------------------------------------------------ messages
     def _locked_error(self, holder: dict | None) -> OutputLockedError:

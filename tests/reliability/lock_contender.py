@@ -19,6 +19,9 @@ def contend(path: str, trials: int, start, attempted, released, results, index: 
         except OutputLockedError:
             results[index] = 0
         except Exception:  # noqa: BLE001 - an unexpected error is a failed trial, not a hang
+            import traceback
+
+            traceback.print_exc()
             results[index] = -1
         attempted.wait()  # every contender has tried; the test counts the holders
         attempted.wait()
