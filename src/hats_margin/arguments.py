@@ -22,6 +22,9 @@ from hats_margin.geometry import MAX_ORDER, coarse_order_for_threshold, coarse_r
 DEFAULT_THRESHOLD_ARCSEC = 5.0
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 _PATHLIKE = (str, Path, UPath)
+# one address: a local part without spaces, quotes or '@', and a host name (labels of letters,
+# digits and '-'); checked with fullmatch, so nothing (not even a newline) may follow
+_EMAIL_PATTERN = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*")
 
 
 @dataclass
@@ -172,9 +175,10 @@ class MarginCacheArguments:
             if not isinstance(value, bool):
                 raise ArgumentError(f"{name} must be True or False, got {value!r}")
         address = self.completion_email_address
-        if not isinstance(address, str) or (address and "@" not in address):
+        if not isinstance(address, str) or (address and not _EMAIL_PATTERN.fullmatch(address)):
             raise ArgumentError(
-                f"completion_email_address must be an email address like 'me@example.org' or '', got {address!r}"
+                "completion_email_address must be an email address: one address like 'me@example.org' (no "
+                f"spaces, commas or line breaks), or '' for no email; got {address!r}"
             )
         if self.smtp_port is not None and (
             isinstance(self.smtp_port, bool) or not isinstance(self.smtp_port, int) or not 0 < self.smtp_port < 65536
