@@ -236,20 +236,34 @@ def destinations(catalog: InputCatalog) -> geometry.Tiling:
 
 
 def reachable_destinations(plan: Plan, tiling: geometry.Tiling) -> dict[tuple[int, int], np.ndarray]:
-    """For each source partition, the tiling indices it can send rows to (itself excluded)."""
+    """For each source partition, the tiling indices it can send rows to (itself excluded).
+
+    In exact mode the neighbourhood is searched at an order no finer than the threshold's own
+    (ancestors of the partitions, a few rings): a superset of the reachable destinations at any
+    threshold for the cost of a small one; a threshold covering the whole sky reaches every tile.
+    """
     result = {}
     by_order: dict[int, list[int]] = {}
     for order, pixel in plan.catalog.partitions:
         by_order.setdefault(order, []).append(pixel)
+    fine, threshold = plan.args.fine_filtering, plan.threshold_arcsec
     for order, pixels in by_order.items():
-        rings = geometry.rings_needed(plan.threshold_arcsec, order) if plan.args.fine_filtering else 1
         cells = np.asarray(pixels, dtype=np.int64)
-        owner, nbr = geometry.neighbourhood(cells, order, rings)
-        nbr_idx, tile_idx = tiling.overlapping(order, nbr)
+        query_order = min(order, geometry.coarse_order_for_threshold(threshold)) if fine else order
+        rings = geometry.rings_needed(threshold, query_order) if fine else 1
+        if fine and geometry.covers_whole_sky(rings, query_order):
+            everything = np.arange(len(tiling), dtype=np.int64)
+            for pixel in pixels:
+                result[(order, pixel)] = np.delete(everything, tiling.index_of(order, pixel))
+            continue
+        ancestors, cell_ancestor = np.unique(cells >> (2 * (order - query_order)), return_inverse=True)
+        owner, nbr = geometry.neighbourhood(ancestors, query_order, rings)
+        nbr_idx, tile_idx = tiling.overlapping(query_order, nbr)
         pairs = np.unique(np.stack([owner[nbr_idx], tile_idx], axis=1), axis=0)
-        bounds = np.searchsorted(pairs[:, 0], np.arange(len(cells) + 1))
+        bounds = np.searchsorted(pairs[:, 0], np.arange(len(ancestors) + 1))
         for i, pixel in enumerate(pixels):
-            tiles = pairs[bounds[i]:bounds[i + 1], 1]
+            a = cell_ancestor[i]
+            tiles = pairs[bounds[a]:bounds[a + 1], 1]
             tiles = tiles[~((tiling.orders[tiles] == order) & (tiling.pixels[tiles] == pixel))]
             result[(order, pixel)] = tiles
     return result
