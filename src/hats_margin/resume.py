@@ -49,7 +49,7 @@ def prepare_intermediate(layout: TempLayout, fingerprint: dict, resume: bool) ->
     if recorded and resume:
         previous = recorded.get("fingerprint", {})
         changed = [
-            f"{key} (was {previous.get(key)!r}, now {fingerprint.get(key)!r})"
+            _describe_change(key, previous.get(key), fingerprint.get(key))
             for key in sorted(set(previous) | set(fingerprint))
             if previous.get(key) != fingerprint.get(key)
         ]
@@ -67,6 +67,20 @@ def prepare_intermediate(layout: TempLayout, fingerprint: dict, resume: bool) ->
     layout.make_dirs()
     write_json(layout.run_file, {"fingerprint": fingerprint, "created": time.time()})
     return False
+
+
+def _describe_change(key: str, was, now) -> str:
+    if key == "input_files" and isinstance(was, dict) and isinstance(now, dict):
+        edited = sorted(k for k in was.keys() & now.keys() if was[k] != now[k])
+        if edited:
+            shown = ", ".join("Norder={}/Npix={}".format(*k.split("_")) for k in edited[:5])
+            more = f" and {len(edited) - 5} more" if len(edited) > 5 else ""
+            return (
+                f"input_files ({len(edited)} partition file(s) changed since that run: {shown}{more}; "
+                "resuming would mix old and new rows)"
+            )
+        return "input_files (the set of partition files changed)"
+    return f"{key} (was {was!r}, now {now!r})"
 
 
 def discard_intermediate(layout: TempLayout):

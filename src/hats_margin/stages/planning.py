@@ -21,7 +21,15 @@ from upath import UPath
 from hats_margin import collection, geometry
 from hats_margin.arguments import MarginCacheArguments
 from hats_margin.errors import ArgumentError, InputCatalogError
-from hats_margin.io import TempLayout, as_upath, is_local, leaf_path, list_leaves, read_input_schema
+from hats_margin.io import (
+    TempLayout,
+    as_upath,
+    is_local,
+    leaf_path,
+    partition_identities,
+    read_input_schema,
+    scan_leaves,
+)
 from hats_margin.resume import digest
 from hats_margin.stages.mapping import MapTask
 
@@ -40,6 +48,8 @@ class InputCatalog:
     healpix_column: str
     healpix_order: int
     npix_suffix: str
+    leaf_identities: dict = field(default_factory=dict, compare=False, repr=False)
+    """(order, pixel) -> identity of the partition's file(s), from the listing planning makes."""
 
     @property
     def highest_order(self) -> int:
@@ -122,15 +132,17 @@ def open_input(path) -> InputCatalog:
     neg_orders, neg_pixels = geometry.negative_tree([o for o, _ in partitions], [p for _, p in partitions])
     negative = tuple(zip(neg_orders.tolist(), neg_pixels.tolist()))
     suffix = properties.npix_suffix or ".parquet"
-    present = list_leaves(path)
-    missing = sorted(set(partitions) - present)
+    present = scan_leaves(path)
+    missing = sorted(set(partitions) - present.keys())
     if missing:
         shown = ", ".join(str(leaf_path(path, o, p, suffix)) for o, p in missing[:5])
         raise InputCatalogError(
             f"{len(missing)} partition(s) listed in the catalog's partition info have no file: {shown}"
             + (" ..." if len(missing) > 5 else "")
         )
-    return InputCatalog(path, properties, schema, partitions, negative, healpix_column, healpix_order, suffix)
+    return InputCatalog(
+        path, properties, schema, partitions, negative, healpix_column, healpix_order, suffix, present
+    )
 
 
 def check_output_location(args: MarginCacheArguments, input_path: UPath):
@@ -217,6 +229,8 @@ def make_fingerprint(args: MarginCacheArguments, catalog: InputCatalog, margin_o
         "input_partitions": digest(sorted(catalog.partitions)),
         "input_rows": catalog.properties.total_rows,
         "input_schema": digest(catalog.schema.to_string(show_schema_metadata=False)),
+        # each partition's size and time (or ETag): an input edited between a kill and the resume is refused
+        "input_files": partition_identities(catalog.path, catalog.partitions, catalog.npix_suffix, catalog.leaf_identities),
         "output": str(args.catalog_path),
         "margin_threshold": float(args.margin_threshold),
         "margin_order": int(margin_order),
