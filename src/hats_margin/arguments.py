@@ -80,6 +80,9 @@ class MarginCacheArguments:
     """Write ``dataset/_metadata``."""
     create_plot: bool = False
     """Write ``margin_sky_map.png`` beside the catalog (needs matplotlib)."""
+    check_input: bool = False
+    """Check every row's ra/dec against its spatial index (reads ra/dec of every row). Without
+    it, the rows the margin search reads anyway (the candidates) are checked."""
 
     # derived, not arguments
     threshold_given: bool = field(init=False, repr=False, default=False)
@@ -170,7 +173,8 @@ class MarginCacheArguments:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
                 raise ArgumentError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("fine_filtering", "overwrite", "resume", "progress_bar", "create_metadata", "create_plot"):
+        for name in ("fine_filtering", "overwrite", "resume", "progress_bar", "create_metadata", "create_plot",
+                     "check_input"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ArgumentError(f"{name} must be True or False, got {value!r}")

@@ -126,6 +126,7 @@ def _build(opts) -> int:
         "progress_bar": not opts.no_progress,
         "completion_email_address": opts.email or "",
         "create_plot": opts.plot,
+        "check_input": opts.check_input,
     }
     name = opts.name
     if name is None:
@@ -270,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--email", metavar="ADDRESS", help="send a success/failure email here (SMTP, see README)")
     build.add_argument("--plot", action="store_true", help="also write margin_sky_map.png beside the catalog")
     build.add_argument("--dry-run", action="store_true", help="print the plan and exit, writing nothing")
+    build.add_argument(
+        "--check-input", action="store_true",
+        help="check every row's ra/dec against its spatial index (reads ra/dec of every row; by default only "
+        "the rows the margin search reads are checked)",
+    )
     _add_runtime(build)
     _add_storage(build)
     _add_common(build)

@@ -65,14 +65,19 @@ class MarginCacheResult:
     fine_filtering: bool
     stage_seconds: dict[str, float] = field(default_factory=dict)
     skipped_tasks: dict[str, int] = field(default_factory=dict)
+    rows_without_coordinates: int = 0
+    """rows checked (candidates, or every row with check_input) whose ra or dec is NaN/inf/null"""
 
     def summary(self) -> str:
         mode = "exact" if self.fine_filtering else "coarse"
-        return (
+        text = (
             f"wrote {self.total_rows} margin rows in {len(self.pixels)} pixel file(s) to {self.catalog_path} "
             f"({mode}, threshold {self.margin_threshold:g} arcsec, margin order {self.margin_order}, "
             f"{sum(self.stage_seconds.values()):.1f} s)"
         )
+        if self.rows_without_coordinates:
+            text += f"; {self.rows_without_coordinates} row(s) with NaN/inf/null ra/dec had no position"
+        return text
 
 
 def pipeline(args: MarginCacheArguments) -> MarginCacheResult:
@@ -146,6 +151,7 @@ def _run(args: MarginCacheArguments, client: Client) -> MarginCacheResult:
             for task in plan.map_tasks:
                 if task.key not in results:
                     results[task.key] = read_json(plan.layout.map_marker(*task.source))
+            no_position = _warn_rows_without_coordinates(results, args.fine_filtering)
         reduce_tasks = _reduce_tasks(plan, results)
         with clock("reducing"):
             done = _done_keys(plan.layout.base / "reducing") if resumed else set()
@@ -174,9 +180,29 @@ def _run(args: MarginCacheArguments, client: Client) -> MarginCacheResult:
         fine_filtering=args.fine_filtering,
         stage_seconds=clock.seconds,
         skipped_tasks={"mapping": skipped_map, "reducing": len(reduce_tasks) - len(todo)},
+        rows_without_coordinates=no_position,
     )
     logger.info("%s", result.summary())
     return result
+
+
+def _warn_rows_without_coordinates(map_results: dict[str, dict], fine_filtering: bool) -> int:
+    """Count (and warn about) the rows the map tasks found without ra/dec."""
+    counts = {key: int(payload.get("rows_without_coordinates", 0)) for key, payload in map_results.items()}
+    total = sum(counts.values())
+    if total:
+        keys = [key for key, n in sorted(counts.items()) if n]
+        where = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        fate = (
+            "they are left out of the margin (no distance can be measured)"
+            if fine_filtering
+            else "the coarse margin places them by their spatial index alone"
+        )
+        logger.warning(
+            "%d row(s) have NaN/inf/null ra or dec (partitions %s): %s; pass check_input=True "
+            "(CLI: --check-input) to count them over every row", total, where, fate,
+        )
+    return total
 
 
 def _prepare_output(plan, lock: OutputLock) -> bool | str:

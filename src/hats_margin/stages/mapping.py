@@ -17,6 +17,7 @@ import pyarrow as pa
 from upath import UPath
 
 from hats_margin import geometry
+from hats_margin.checks import check_coordinates
 from hats_margin.errors import InputCatalogError
 from hats_margin.io import (
     ShardWriters,
@@ -55,6 +56,8 @@ class MapTask:
     dec_column: str
     schema: pa.Schema
     layout: TempLayout
+    check_input: bool = False
+    """check every row's ra/dec against its spatial index (else only the rows read anyway)"""
 
     @property
     def leaf(self) -> UPath:
@@ -64,56 +67,116 @@ class MapTask:
 
 
 def map_partition(task) -> dict:
-    """Run one map task; returns (and records in its done marker) rows sent per destination."""
+    """Run one map task; returns (and records in its done marker) rows sent per destination,
+    and how many rows it saw without usable coordinates (NaN/inf/null ra or dec)."""
     marker = task.layout.map_marker(*task.source)
     done = read_json(marker)
     if done is not None:
         return done
     try:
-        rows = _map(task)
+        rows, no_position = _map(task)
     except Exception as exc:
         exc.add_note(f"hats-margin: while mapping partition Norder={task.source[0]}/Npix={task.source[1]} ({task.leaf})")
         raise
-    payload = {"source": list(task.source), "rows": {f"{o}_{p}": n for (o, p), n in sorted(rows.items())}}
+    payload = {
+        "source": list(task.source),
+        "rows": {f"{o}_{p}": n for (o, p), n in sorted(rows.items())},
+        "rows_without_coordinates": no_position,
+    }
     write_json(marker, payload)
     return payload
 
 
-def _map(task) -> dict[tuple[int, int], int]:
+def _map(task) -> tuple[dict[tuple[int, int], int], int]:
     dests = geometry.Tiling.from_pixels(task.dest_orders, task.dest_pixels)
     writers = ShardWriters(task.layout, *task.source, task.schema)
+    no_position = 0
     try:
         for path in leaf_files(task.leaf, task.input_suffix):
             parquet = open_parquet(path)
             check_file_schema(parquet, path, task.schema)
+            first_row = 0
             for group in range(parquet.num_row_groups):
-                _map_row_group(task, dests, parquet, path, group, writers)
+                no_position += _map_row_group(task, dests, parquet, path, group, writers, first_row)
+                first_row += parquet.metadata.row_group(group).num_rows
     finally:
         writers.close()
-    return dict(writers.rows)
+    return dict(writers.rows), no_position
 
 
-def _map_row_group(task, dests, parquet, path, group, writers):
+def _map_row_group(task, dests, parquet, path, group, writers, first_row: int) -> int:
+    """Send this row group's margin rows to their shards. Returns how many of the rows whose
+    coordinates were checked have none (NaN/inf/null)."""
     index = read_row_group(parquet, path, group, [task.healpix_column]).column(0)
     if index.null_count:
         raise InputCatalogError(f"{path}: the spatial index column {task.healpix_column!r} has null values")
     spatial_index = index.to_numpy().astype(np.int64, copy=False)
     _check_rows_in_partition(task, path, spatial_index)
+    ra = dec = None
+    no_position = 0
+    if task.check_input:  # every row, at the cost of reading ra/dec of every row group
+        ra, dec = _read_radec(task, parquet, path, group)
+        no_position = _check_coordinates(task, path, first_row, ra, dec, spatial_index, None)
     if len(dests) == 0:
-        return
+        return no_position
     rows, dest_idx = geometry.candidate_pairs(
         spatial_index, task.healpix_order, *task.source, task.search_order, task.rings, dests
     )
     if len(rows) == 0:
-        return
+        return no_position
     if task.fine_filtering:
-        rows, dest_idx = _exact_filter(task, dests, parquet, path, group, spatial_index, rows, dest_idx)
+        if ra is None:  # read anyway by the exact filter: check the candidates at no extra read
+            ra, dec = _read_radec(task, parquet, path, group)
+            no_position = _check_coordinates(task, path, first_row, ra, dec, spatial_index, np.unique(rows))
+        rows, dest_idx = _exact_filter(task, dests, ra, dec, spatial_index, rows, dest_idx)
         if len(rows) == 0:
-            return
+            return no_position
     table = conform(read_row_group(parquet, path, group), task.schema)
+    if ra is None:  # coarse mode: the selected rows' ra/dec are in the table just read
+        selected = np.unique(rows)
+        picked = table.select([task.ra_column, task.dec_column]).take(pa.array(selected))
+        no_position = _check_coordinates(
+            task, path, first_row, _float_array(picked.column(0)), _float_array(picked.column(1)),
+            spatial_index[selected], None, positions=selected,
+        )
     for lo, hi in _runs(dest_idx):
         dest = (int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
         writers.write(dest, table.take(pa.array(rows[lo:hi])))
+    return no_position
+
+
+def _read_radec(task, parquet, path, group) -> tuple[np.ndarray, np.ndarray]:
+    radec = read_row_group(parquet, path, group, [task.ra_column, task.dec_column])
+    return _float_array(radec.column(0)), _float_array(radec.column(1))
+
+
+def _float_array(column) -> np.ndarray:
+    """A numeric column as float64, nulls as NaN; a column that is not numeric is refused."""
+    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_decimal(column.type)):
+        raise InputCatalogError(f"the ra/dec column is {column.type}, not a number of degrees")
+    return np.asarray(column.cast(pa.float64()).fill_null(np.nan).to_numpy(), dtype=np.float64)
+
+
+def _check_coordinates(task, path, first_row, ra, dec, spatial_index, rows, positions=None) -> int:
+    """Refuse rows whose ra/dec contradict their spatial index; return how many have none.
+
+    ``rows`` selects rows of ``ra``/``dec``/``spatial_index`` (None: all of them);
+    ``positions`` gives the row numbers in the row group of the arrays' entries (default: the
+    entry's own index)."""
+    if rows is not None:
+        ra, dec, spatial_index, positions = ra[rows], dec[rows], spatial_index[rows], rows
+    result = check_coordinates(ra, dec, spatial_index, task.healpix_order)
+    if len(result.contradicting):
+        first = int(result.contradicting[0])
+        row = first_row + int(first if positions is None else positions[first])
+        raise InputCatalogError(
+            f"partition Norder={task.source[0]}/Npix={task.source[1]} ({path}), row {row}: "
+            f"{task.ra_column}={float(ra[first])!r}, {task.dec_column}={float(dec[first])!r} is not in the HEALPix cell of its "
+            f"{task.healpix_column}={int(spatial_index[first])} ({len(result.contradicting)} such row(s) in this "
+            "row group): the coordinates contradict the spatial index (is hats_col_ra/hats_col_dec the right "
+            "column? were ra/dec edited after partitioning?)"
+        )
+    return len(result.non_finite)
 
 
 def _check_rows_in_partition(task, path, spatial_index):
@@ -128,10 +191,7 @@ def _check_rows_in_partition(task, path, spatial_index):
         )
 
 
-def _exact_filter(task, dests, parquet, path, group, spatial_index, rows, dest_idx):
-    radec = read_row_group(parquet, path, group, [task.ra_column, task.dec_column])
-    ra = radec.column(0).to_numpy()
-    dec = radec.column(1).to_numpy()
+def _exact_filter(task, dests, ra, dec, spatial_index, rows, dest_idx):
     keep = np.zeros(len(rows), dtype=bool)
     for lo, hi in _runs(dest_idx):
         dest = (int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))

@@ -316,6 +316,7 @@ def make_map_tasks(plan: Plan) -> list[MapTask]:
                 dec_column=catalog.properties.dec_column,
                 schema=catalog.schema,
                 layout=plan.layout,
+                check_input=args.check_input,
             )
         )
     # biggest first keeps both workers busy until the end
