@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from upath import UPath
 
-from hats_margin import ResumeMismatchError, pipeline_with_client
+from hats_margin import ResumeMismatchError, StageFailedError, pipeline_with_client
 from hats_margin.io import partition_identities
 from hats_margin.stages import planning
 from test_resume import fail_in_reducing, intermediate, make_args
@@ -92,3 +92,35 @@ def test_identities_come_from_the_one_listing_planning_already_makes(catalogs, m
     assert calls["find"] == finds_to_open and calls["info"] == 0
     assert sorted(identities) == sorted(f"{o}_{p}" for o, p in catalog.partitions)
     assert all(identities.values())
+
+
+def test_a_partition_fixed_before_it_was_ever_mapped_resumes(client, setup, monkeypatch):
+    """A corrupt partition fails its map task; fixing it changes its identity, but none of its rows
+    were used: the resume takes it and skips the rest. The fixed identity is then recorded."""
+    source, root = setup
+    path = source.joinpath(*EDITED)
+    good = path.read_bytes()
+    path.write_bytes(b"not parquet")
+    with pytest.raises(StageFailedError, match="2_176"):
+        pipeline_with_client(make_args(source, root), client)
+    path.write_bytes(good)
+    fail_in_reducing(client, make_args(source, root), monkeypatch)  # maps 2_176 now, then stops
+    assert (intermediate(root) / "mapping" / "2_176.json").exists()
+    edit_one_column(path)  # after its rows were read: refused
+    with pytest.raises(ResumeMismatchError, match="Norder=2/Npix=176"):
+        pipeline_with_client(make_args(source, root), client)
+    path.write_bytes(good)  # same bytes, new time: still not the file that was read
+    with pytest.raises(ResumeMismatchError, match="Norder=2/Npix=176"):
+        pipeline_with_client(make_args(source, root), client)
+
+
+def test_fixing_an_unmapped_partition_then_resuming_skips_the_others(client, setup):
+    source, root = setup
+    path = source.joinpath(*EDITED)
+    good = path.read_bytes()
+    path.write_bytes(b"not parquet")
+    with pytest.raises(StageFailedError, match="2_176"):
+        pipeline_with_client(make_args(source, root), client)
+    path.write_bytes(good)
+    result = pipeline_with_client(make_args(source, root), client)
+    assert result.skipped_tasks["mapping"] == 13 and result.total_rows > 0

@@ -20,6 +20,8 @@ from hats_margin.errors import ArgumentError
 from hats_margin.geometry import MAX_ORDER, coarse_order_for_threshold, coarse_reach_arcsec, ring_reach_arcsec
 
 DEFAULT_THRESHOLD_ARCSEC = 5.0
+MAX_NAME_BYTES = 255
+"""Longest file name (bytes) that common file systems and object-store keys' path parts allow."""
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 _PATHLIKE = (str, Path, UPath)
 # one address: a local part without spaces, quotes or '@', and a host name (labels of letters,
@@ -190,6 +192,13 @@ class MarginCacheArguments:
             raise ArgumentError(f"smtp_port must be an integer 1..65535, got {self.smtp_port!r}")
 
     def _check_output_options(self):
+        for name in ("output_artifact_name", "npix_parquet_name"):
+            value = getattr(self, name)
+            if isinstance(value, str) and len(value.encode()) > MAX_NAME_BYTES:
+                raise ArgumentError(
+                    f"{name} is {len(value.encode())} bytes long; file systems allow names of at most "
+                    f"{MAX_NAME_BYTES} bytes: choose a shorter name ({value[:20]!r}...)"
+                )
         suffix = self.npix_suffix
         if not isinstance(suffix, str) or not (suffix == "/" or (suffix.startswith(".") and len(suffix) > 1)):
             raise ArgumentError(

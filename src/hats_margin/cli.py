@@ -360,6 +360,14 @@ def main(argv: list[str] | None = None) -> int:
         if opts.verbose:
             traceback.print_exc()
         return _error(str(exc), 2)
+    except PermissionError as exc:
+        if opts.verbose:
+            traceback.print_exc()
+        where = exc.filename or exc.strerror or exc
+        return _error(
+            f"permission denied on {where} (a read-only file system or directory, or permissions): choose an "
+            "output_path (and --tmp-dir) you can write, or fix the permissions", 2,
+        )
     except KeyboardInterrupt:
         return _error("interrupted; run the same command again to resume where it stopped", 130)
     except Exception as exc:  # noqa: BLE001 - one line, unless --verbose

@@ -48,10 +48,11 @@ def prepare_intermediate(layout: TempLayout, fingerprint: dict, resume: bool) ->
         )
     if recorded and resume:
         previous = recorded.get("fingerprint", {})
+        differing = [key for key in sorted(set(previous) | set(fingerprint)) if previous.get(key) != fingerprint.get(key)]
         changed = [
-            _describe_change(key, previous.get(key), fingerprint.get(key))
-            for key in sorted(set(previous) | set(fingerprint))
-            if previous.get(key) != fingerprint.get(key)
+            change
+            for key in differing
+            if (change := _describe_change(layout, key, previous.get(key), fingerprint.get(key)))
         ]
         if changed:
             raise ResumeMismatchError(
@@ -60,6 +61,8 @@ def prepare_intermediate(layout: TempLayout, fingerprint: dict, resume: bool) ->
                 "resume=False (CLI: --no-resume) to discard them and start fresh."
             )
         layout.make_dirs()
+        if differing:  # only partitions not mapped yet changed (e.g. a corrupt file fixed): record them
+            write_json(layout.run_file, {**recorded, "fingerprint": fingerprint})
         return True
     if layout.base.exists():
         logger.info("discarding intermediate files in %s (resume=False or no usable run.json)", layout.base)
@@ -69,17 +72,22 @@ def prepare_intermediate(layout: TempLayout, fingerprint: dict, resume: bool) ->
     return False
 
 
-def _describe_change(key: str, was, now) -> str:
+def _describe_change(layout: TempLayout, key: str, was, now) -> str | None:
+    """What changed, for the refusal; None for a change that cannot mix runs: partition files
+    edited before their map task ever finished (their shards are written again)."""
     if key == "input_files" and isinstance(was, dict) and isinstance(now, dict):
-        edited = sorted(k for k in was.keys() & now.keys() if was[k] != now[k])
-        if edited:
-            shown = ", ".join("Norder={}/Npix={}".format(*k.split("_")) for k in edited[:5])
-            more = f" and {len(edited) - 5} more" if len(edited) > 5 else ""
-            return (
-                f"input_files ({len(edited)} partition file(s) changed since that run: {shown}{more}; "
-                "resuming would mix old and new rows)"
-            )
-        return "input_files (the set of partition files changed)"
+        if was.keys() != now.keys():
+            return "input_files (the set of partition files changed)"
+        edited = sorted(k for k in was if was[k] != now[k])
+        mapped = [k for k in edited if layout.map_marker(*(int(x) for x in k.split("_"))).exists()]
+        if not mapped:
+            return None
+        shown = ", ".join("Norder={}/Npix={}".format(*k.split("_")) for k in mapped[:5])
+        more = f" and {len(mapped) - 5} more" if len(mapped) > 5 else ""
+        return (
+            f"input_files ({len(mapped)} partition file(s) changed after that run had read them: {shown}{more}; "
+            "resuming would mix old and new rows)"
+        )
     return f"{key} (was {was!r}, now {now!r})"
 
 

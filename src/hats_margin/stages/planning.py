@@ -20,7 +20,7 @@ from upath import UPath
 
 from hats_margin import collection, geometry
 from hats_margin.arguments import MarginCacheArguments
-from hats_margin.errors import ArgumentError, InputCatalogError
+from hats_margin.errors import ArgumentError, InputCatalogError, describe_invalid
 from hats_margin.io import (
     TempLayout,
     as_upath,
@@ -103,7 +103,8 @@ def open_input(path) -> InputCatalog:
             f"input_catalog_path {path} is not a HATS catalog: it has no hats.properties (or properties) file"
         ) from exc
     except ValueError as exc:
-        raise InputCatalogError(f"the properties file of {path} is invalid: {exc}") from exc
+        name = "hats.properties" if (path / "hats.properties").exists() else "properties"
+        raise InputCatalogError(f"{path / name} is invalid: {describe_invalid(exc)}; fix that line of the file") from exc
     catalog_type = str(properties.catalog_type)
     if catalog_type not in ("object", "source"):
         raise InputCatalogError(
@@ -127,7 +128,7 @@ def open_input(path) -> InputCatalog:
     try:
         loaded = hats.read_hats(path, read_moc=False)
     except Exception as exc:  # hats raises many types for broken catalogs
-        raise InputCatalogError(f"hats cannot open {path}: {type(exc).__name__}: {exc}") from exc
+        raise InputCatalogError(f"hats cannot open {path}: {type(exc).__name__}: {describe_invalid(exc)}") from exc
     partitions = tuple((p.order, p.pixel) for p in loaded.get_healpix_pixels())
     neg_orders, neg_pixels = geometry.negative_tree([o for o, _ in partitions], [p for _, p in partitions])
     negative = tuple(zip(neg_orders.tolist(), neg_pixels.tolist()))
