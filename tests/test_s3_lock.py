@@ -109,3 +109,21 @@ def test_a_lock_taken_on_s3_is_released(s3):
     assert json.loads((target / LOCK_NAME).read_text())["phase"] == "finishing"
     lock.release()
     assert not (target / LOCK_NAME).exists()
+
+
+def test_partition_identity_on_s3_is_its_etag_from_the_listing(s3):
+    """Issue 13 item 8 on object storage: the identity of a partition file is its ETag (with its
+    size), taken from the one listing planning makes; a changed object has another identity."""
+    from hats_margin.io import scan_leaves
+
+    store = fs(s3)
+    key = f"{BUCKET}/identity/cat/dataset/Norder=1/Dir=0/Npix=44.parquet"
+    store.pipe_file(key, b"first version")
+    catalog = UPath(f"s3://{BUCKET}/identity/cat", **s3)
+    first = scan_leaves(catalog)[(1, 44)]
+    etag = store.info(key)["ETag"]
+    assert first == f"{len(b'first version')}:{etag}"
+    store.pipe_file(key, b"other version")  # same size, other bytes
+    catalog = UPath(f"s3://{BUCKET}/identity/cat", **s3)
+    catalog.fs.invalidate_cache()
+    assert scan_leaves(catalog)[(1, 44)] != first
