@@ -14,7 +14,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from hats_margin import MarginCacheArguments, StageFailedError, pipeline_with_client
-from hats_margin.errors import InputCatalogError
+from hats_margin.errors import ArgumentError, InputCatalogError
 
 ADDRESS = "astronomer@example.org"
 
@@ -175,3 +175,62 @@ def test_cli_email_flag(capsys, client, catalogs, tmp_path, smtp_server, monkeyp
                      "--email", ADDRESS, "--scheduler", client.scheduler.address, "--no-progress"])
     assert code == 0, capsys.readouterr().err
     assert inbox.messages[0]["Subject"] == "hats-margin success: small_sky_object_catalog_1deg"
+
+
+# ----------------------------------------------------------------------------- mail never changes the result (issue 13 item 11)
+@pytest.mark.parametrize(
+    "address",
+    ["me@example.org\nBcc: victim@example.org", "me@example.org\r", "a@b.org, c@d.org", "a@b.org c@d.org",
+     "@example.org", "me@", "me@@example.org", "me@exa mple.org", "me@localhost\n"],
+)
+def test_a_bad_address_is_refused_up_front(address):
+    with pytest.raises(ArgumentError, match="completion_email_address"):
+        MarginCacheArguments(
+            input_catalog_path="in", output_path="out", output_artifact_name="m", completion_email_address=address,
+        )
+
+
+@pytest.mark.parametrize("address", ["me@example.org", "first.last+margins@mail.observatory.example", "me@localhost"])
+def test_plausible_addresses_are_accepted(address):
+    args = MarginCacheArguments(
+        input_catalog_path="in", output_path="out", output_artifact_name="m", completion_email_address=address,
+    )
+    assert args.completion_email_address == address
+
+
+@pytest.mark.parametrize("port", ["abc", "99999", "-1", ""])
+def test_a_bad_port_in_the_environment_only_warns_after_a_success(client, catalogs, tmp_path, caplog, monkeypatch, port):
+    monkeypatch.setenv("HATS_MARGIN_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("HATS_MARGIN_SMTP_PORT", port)
+    args = make_args(catalogs / "small_sky_object_catalog", tmp_path)
+    result = pipeline_with_client(args, client)
+    assert (result.catalog_path / "hats.properties").exists()
+    assert "could not send the completion email" in caplog.text and "HATS_MARGIN_SMTP_PORT" in caplog.text
+
+
+def test_a_failing_mail_never_replaces_the_real_error(client, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("HATS_MARGIN_SMTP_PORT", "not-a-port")
+    with pytest.raises(InputCatalogError, match="does not exist"):
+        pipeline_with_client(make_args(tmp_path / "missing", tmp_path / "out"), client)
+    assert "could not send the completion email" in caplog.text
+
+
+def test_an_unexpected_error_while_mailing_only_warns(client, catalogs, tmp_path, caplog, monkeypatch):
+    import smtplib
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the mail library broke")
+
+    monkeypatch.setattr(smtplib, "SMTP", broken)
+    args = make_args(catalogs / "small_sky_object_catalog", tmp_path, smtp_host="127.0.0.1", smtp_port=25)
+    assert pipeline_with_client(args, client).total_rows > 0
+    assert "the mail library broke" in caplog.text
+
+
+def test_cli_exit_code_of_a_written_catalog_ignores_the_mail(capsys, client, catalogs, tmp_path, monkeypatch):
+    from hats_margin import cli
+
+    monkeypatch.setenv("HATS_MARGIN_SMTP_PORT", "abc")
+    code = cli.main(["build", str(catalogs / "small_sky_object_catalog"), str(tmp_path), "--threshold", "3600",
+                     "--email", ADDRESS, "--scheduler", client.scheduler.address, "--no-progress"])
+    assert code == 0, capsys.readouterr().err

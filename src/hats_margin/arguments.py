@@ -20,10 +20,15 @@ from hats_margin.geometry import MAX_ORDER, coarse_order_for_threshold, coarse_r
 from hats_margin.units import extreme_threshold_message, threshold_arcsec
 
 DEFAULT_THRESHOLD_ARCSEC = 5.0
+MAX_NAME_BYTES = 255
+"""Longest file name (bytes) that common file systems and object-store keys' path parts allow."""
 # matched with fullmatch (``$`` would accept a trailing newline)
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
 _SUFFIX_PATTERN = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9._\-]*")
 _PATHLIKE = (str, Path, UPath)
+# one address: a local part without spaces, quotes or '@', and a host name (labels of letters,
+# digits and '-'); checked with fullmatch, so nothing (not even a newline) may follow
+_EMAIL_PATTERN = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*")
 
 
 @dataclass
@@ -84,6 +89,9 @@ class MarginCacheArguments:
     """Write ``dataset/_metadata``."""
     create_plot: bool = False
     """Write ``margin_sky_map.png`` beside the catalog (needs matplotlib)."""
+    check_input: bool = False
+    """Check every row's ra/dec against its spatial index (reads ra/dec of every row). Without
+    it, the rows the margin search reads anyway (the candidates) are checked."""
 
     # derived, not arguments
     threshold_given: bool = field(init=False, repr=False, default=False)
@@ -170,14 +178,16 @@ class MarginCacheArguments:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
                 raise ArgumentError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("fine_filtering", "overwrite", "resume", "progress_bar", "create_metadata", "create_plot"):
+        for name in ("fine_filtering", "overwrite", "resume", "progress_bar", "create_metadata", "create_plot",
+                     "check_input"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ArgumentError(f"{name} must be True or False, got {value!r}")
         address = self.completion_email_address
-        if not isinstance(address, str) or (address and "@" not in address):
+        if not isinstance(address, str) or (address and not _EMAIL_PATTERN.fullmatch(address)):
             raise ArgumentError(
-                f"completion_email_address must be an email address like 'me@example.org' or '', got {address!r}"
+                "completion_email_address must be an email address: one address like 'me@example.org' (no "
+                f"spaces, commas or line breaks), or '' for no email; got {address!r}"
             )
         if self.smtp_port is not None and (
             isinstance(self.smtp_port, bool) or not isinstance(self.smtp_port, int) or not 0 < self.smtp_port < 65536
@@ -185,6 +195,13 @@ class MarginCacheArguments:
             raise ArgumentError(f"smtp_port must be an integer 1..65535, got {self.smtp_port!r}")
 
     def _check_output_options(self):
+        for name in ("output_artifact_name", "npix_parquet_name"):
+            value = getattr(self, name)
+            if isinstance(value, str) and len(value.encode()) > MAX_NAME_BYTES:
+                raise ArgumentError(
+                    f"{name} is {len(value.encode())} bytes long; file systems allow names of at most "
+                    f"{MAX_NAME_BYTES} bytes: choose a shorter name ({value[:20]!r}...)"
+                )
         suffix = self.npix_suffix
         if not isinstance(suffix, str) or not (suffix == "/" or _SUFFIX_PATTERN.fullmatch(suffix)):
             raise ArgumentError(

@@ -159,6 +159,7 @@ def _build(opts) -> int:
         "progress_bar": not opts.no_progress,
         "completion_email_address": opts.email or "",
         "create_plot": opts.plot,
+        "check_input": opts.check_input,
     }
     name = opts.name
     if name is None:
@@ -338,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--email", metavar="ADDRESS", help="send a success/failure email here (SMTP, see README)")
     build.add_argument("--plot", action="store_true", help="also write margin_sky_map.png beside the catalog")
     build.add_argument("--dry-run", action="store_true", help="print the plan and exit, writing nothing")
+    build.add_argument(
+        "--check-input", action="store_true",
+        help="check every row's ra/dec against its spatial index (reads ra/dec of every row; by default only "
+        "the rows the margin search reads are checked)",
+    )
     _add_runtime(build)
     _add_storage(build)
     _add_common(build)
@@ -448,6 +454,14 @@ def _main(opts) -> int:
         if opts.verbose:
             traceback.print_exc()
         return _error(str(exc), 2)
+    except PermissionError as exc:
+        if opts.verbose:
+            traceback.print_exc()
+        where = exc.filename or exc.strerror or exc
+        return _error(
+            f"permission denied on {where} (a read-only file system or directory, or permissions): choose an "
+            "output_path (and --tmp-dir) you can write, or fix the permissions", 2,
+        )
     except KeyboardInterrupt:
         return _error("interrupted; run the same command again to resume where it stopped", 130)
     except Exception as exc:  # noqa: BLE001 - one line, unless --verbose

@@ -22,7 +22,7 @@ from hats.catalog import CatalogCollection
 from hats.catalog.dataset.collection_properties import CollectionProperties
 from upath import UPath
 
-from hats_margin.errors import InputCatalogError
+from hats_margin.errors import InputCatalogError, describe_invalid
 from hats_margin.io import as_upath, is_local
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,9 @@ def read_properties(path) -> CollectionProperties:
     try:
         return CollectionProperties.read_from_dir(path)
     except (ValueError, OSError) as exc:
-        raise InputCatalogError(f"the collection properties {path / COLLECTION_FILE} are invalid: {exc}") from exc
+        raise InputCatalogError(
+            f"{path / COLLECTION_FILE} is invalid: {describe_invalid(exc)}; fix that line of the file"
+        ) from exc
 
 
 def primary_path(path) -> UPath:

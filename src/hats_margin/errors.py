@@ -55,17 +55,55 @@ class StageFailedError(HatsMarginError, RuntimeError):
     def __init__(self, stage: str, failures: dict[str, BaseException], hint: str = ""):
         self.stage = stage
         self.failures = dict(failures)
-        lines = [f"{len(failures)} {stage} task(s) failed: {', '.join(sorted(failures))}"]
-        for key in sorted(failures)[:10]:
-            exc = failures[key]
-            lines.append(f"  {key}: {type(exc).__name__}: {exc}")
-        if len(failures) > 10:
-            lines.append(f"  ... and {len(failures) - 10} more")
+        keys = sorted(failures)
+        shown = ", ".join(keys[:_KEYS_SHOWN]) + (f" and {len(keys) - _KEYS_SHOWN} more" if len(keys) > _KEYS_SHOWN else "")
+        detailed = keys if len(keys) <= _DETAILS_SHOWN else keys[:1]
+        details = "; ".join(f"{key}: {type(failures[key]).__name__}: {one_line(failures[key])}" for key in detailed)
+        if len(keys) > _DETAILS_SHOWN:
+            details = f"first: {details} (every task's error: run with --verbose, or see this error's .failures)"
+        message = f"{len(keys)} {stage} task(s) failed: {shown}. {details}."
         if hint:
-            lines.append(hint)
-        super().__init__("\n".join(lines))
+            message += f" {one_line(hint)}"
+        super().__init__(message)
 
 
 class ScriptGuardError(HatsMarginError, RuntimeError):
     """pipeline() with worker processes was called from the top level of a script without an
     ``if __name__ == "__main__":`` guard (the workers would re-run the script)."""
+
+
+_KEYS_SHOWN = 5
+_DETAILS_SHOWN = 3
+
+
+def one_line(value) -> str:
+    """A message on one line (newlines and runs of spaces become one space)."""
+    return " ".join(str(value).split())
+
+
+def describe_invalid(exc: BaseException) -> str:
+    """One line naming the bad key(s) of a failed validation (pydantic's ``errors()``), else the
+    error's own text on one line."""
+    errors = getattr(exc, "errors", None)
+    items = None
+    if callable(errors):
+        try:
+            items = errors()
+        except Exception:  # noqa: BLE001 - not pydantic's errors(): fall back to the text
+            items = None
+    if not items:
+        return one_line(exc)
+    parts = []
+    for item in items[:3]:
+        key = ".".join(str(x) for x in item.get("loc", ()))
+        message = one_line(item.get("msg", "invalid value"))
+        value = item.get("input")
+        if key and not isinstance(value, dict):
+            parts.append(f"{key}: {message} (got {value!r})")
+        elif key:
+            parts.append(f"{key}: {message}")
+        else:
+            parts.append(message)
+    if len(items) > 3:
+        parts.append(f"and {len(items) - 3} more")
+    return "; ".join(parts)

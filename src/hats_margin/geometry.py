@@ -62,9 +62,26 @@ def coarse_reach_arcsec(order: int) -> float:
     return float(_MINDIST_ARCSEC[int(order)])
 
 
+WHOLE_SKY_ARCSEC = 180.0 * 3600.0
+"""No two points of the sphere are farther apart: a threshold this large is the whole sky."""
+
+
+def whole_sky_rings(order: int) -> int:
+    """Neighbour rings at ``order`` that surely cover the whole sky from any cell."""
+    return math.ceil(WHOLE_SKY_ARCSEC / ring_reach_arcsec(order))
+
+
 def rings_needed(threshold_arcsec: float, order: int) -> int:
-    """How many neighbour rings at ``order`` surely cover ``threshold_arcsec``."""
-    return max(1, math.ceil(threshold_arcsec / ring_reach_arcsec(order)))
+    """How many neighbour rings at ``order`` surely cover ``threshold_arcsec`` (never more than
+    the whole sky needs: a huge threshold costs no more than 180 degrees)."""
+    if threshold_arcsec >= WHOLE_SKY_ARCSEC:
+        return whole_sky_rings(order)
+    return max(1, min(math.ceil(threshold_arcsec / ring_reach_arcsec(order)), whole_sky_rings(order)))
+
+
+def covers_whole_sky(rings: int, order: int) -> bool:
+    """Does a ``rings``-step neighbourhood at ``order`` surely hold every cell of the sky?"""
+    return rings >= whole_sky_rings(order)
 
 
 def nested_range_at(order: int, pixel, to_order: int = MAX_ORDER):
@@ -207,6 +224,9 @@ def candidate_pairs(
     if len(spatial_index) == 0 or len(destinations) == 0:
         return empty, empty
     search_order = max(search_order, source_order)
+    if covers_whole_sky(rings, search_order):  # every row may reach every destination
+        n_rows, n_dests = len(spatial_index), len(destinations)
+        return np.tile(np.arange(n_rows, dtype=np.int64), n_dests), np.repeat(np.arange(n_dests, dtype=np.int64), n_rows)
     cells = np.asarray(spatial_index, dtype=np.int64) >> (2 * (index_order - search_order))
     unique_cells, row_cell = np.unique(cells, return_inverse=True)
     border = border_cell_mask(unique_cells, search_order, source_order, source_pixel, rings)

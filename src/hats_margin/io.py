@@ -175,19 +175,68 @@ def _files_named_in_metadata(leaf: UPath) -> list[UPath] | None:
 
 def list_leaves(catalog: UPath) -> set[tuple[int, int]]:
     """(order, pixel) of every ``Norder=K/Dir=D/Npix=N...`` entry under dataset/, in one listing."""
+    return set(scan_leaves(catalog))
+
+
+def scan_leaves(catalog: UPath) -> dict[tuple[int, int], str]:
+    """(order, pixel) -> identity of every ``Norder=K/Dir=D/Npix=N...`` leaf under dataset/, from
+    one listing (the sizes and times or ETags come with it: no per-file call)."""
     dataset = catalog / "dataset"
     if not dataset.exists():
-        return set()
-    found = set()
+        return {}
+    found: dict[tuple[int, int], list[tuple[str, str]]] = {}
     root = dataset.fs._strip_protocol(dataset.path).rstrip("/")  # what find() returns (absolute when local)
-    for file in dataset.fs.find(dataset.path):
+    for file, info in dataset.fs.find(dataset.path, detail=True).items():
         parts = file[len(root):].lstrip("/").split("/")
         if len(parts) < 3:
             continue
         order, leaf = _ORDER.match(parts[0]), _LEAF.match(parts[2])
         if order and leaf:
-            found.add((int(order.group(1)), int(leaf.group(1))))
-    return found
+            found.setdefault((int(order.group(1)), int(leaf.group(1))), []).append(
+                ("/".join(parts[3:]), file_identity(info))
+            )
+    return {key: _leaf_identity(files) for key, files in found.items()}
+
+
+def file_identity(info: dict) -> str:
+    """What identifies one version of a file, from its listing or stat/info entry (no read):
+    its size and the store's version tag (ETag on S3 and on HTTP servers that give one), else
+    its modification time."""
+    tag = None
+    for name in ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "generation"):
+        if info.get(name) is not None:
+            tag = info[name]
+            break
+    return f"{info.get('size')}:{tag}"
+
+
+def _leaf_identity(files: list[tuple[str, str]]) -> str:
+    if len(files) == 1 and not files[0][0]:
+        return files[0][1]
+    return ";".join(f"{name}={identity}" for name, identity in sorted(files))
+
+
+def partition_identities(
+    catalog: UPath, partitions, npix_suffix: str, known: dict[tuple[int, int], str] | None = None
+) -> dict[str, str]:
+    """``"order_pixel"`` -> identity of each partition's file(s): from ``known`` (a listing made
+    anyway), else one stat/info call per file (stores that cannot list, e.g. HTTP)."""
+    known = known or {}
+    result = {}
+    for order, pixel in partitions:
+        identity = known.get((order, pixel))
+        if identity is None:
+            leaf = leaf_path(catalog, order, pixel, npix_suffix)
+            try:
+                if npix_suffix in ("/", "\\"):
+                    files = [(p.name, file_identity(p.fs.info(p.path))) for p in leaf_files(leaf, npix_suffix)]
+                    identity = _leaf_identity(files)
+                else:
+                    identity = file_identity(leaf.fs.info(leaf.path))
+            except FileNotFoundError:
+                identity = "missing"  # its map task's read reports it, naming the path
+        result[f"{order}_{pixel}"] = identity
+    return result
 
 
 def read_input_schema(catalog: UPath) -> pa.Schema:

@@ -19,18 +19,21 @@ logger = logging.getLogger(__name__)
 
 
 def send_completion_email(args, *, success: bool, body: str):
+    """Send the success/failure message, if an address is set. Never raises: any failure to
+    send (bad settings, server down, refused) is logged as a warning and the run goes on."""
     address = args.completion_email_address
     if not address:
         return
-    host = args.smtp_host or os.environ.get("HATS_MARGIN_SMTP_HOST", "localhost")
-    port = args.smtp_port or int(os.environ.get("HATS_MARGIN_SMTP_PORT", "25"))
-    message = EmailMessage()
-    status = "success" if success else "failure"
-    message["Subject"] = f"hats-margin {status}: {args.output_artifact_name}"
-    message["From"] = os.environ.get("HATS_MARGIN_SMTP_FROM", f"hats-margin@{socket.gethostname()}")
-    message["To"] = address
-    message.set_content(f"output_artifact_name: {args.output_artifact_name}\n{body}\n")
+    host = port = None
     try:
+        host = args.smtp_host or os.environ.get("HATS_MARGIN_SMTP_HOST", "localhost")
+        port = args.smtp_port or _port_from_environment()
+        message = EmailMessage()
+        status = "success" if success else "failure"
+        message["Subject"] = f"hats-margin {status}: {args.output_artifact_name}"
+        message["From"] = os.environ.get("HATS_MARGIN_SMTP_FROM", f"hats-margin@{socket.gethostname()}")
+        message["To"] = address
+        message.set_content(f"output_artifact_name: {args.output_artifact_name}\n{body}\n")
         with smtplib.SMTP(host, port, timeout=30) as smtp:
             if os.environ.get("HATS_MARGIN_SMTP_STARTTLS", "").lower() in ("1", "true", "yes"):
                 smtp.starttls()
@@ -38,5 +41,16 @@ def send_completion_email(args, *, success: bool, body: str):
             if user and password:
                 smtp.login(user, password)
             smtp.send_message(message)
-    except (OSError, smtplib.SMTPException) as exc:
+    except Exception as exc:  # noqa: BLE001 - mail must never change the run's result or hide its error
         logger.warning("could not send the completion email to %s via %s:%s: %s", address, host, port, exc)
+
+
+def _port_from_environment() -> int:
+    text = os.environ.get("HATS_MARGIN_SMTP_PORT", "25")
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise ValueError(f"HATS_MARGIN_SMTP_PORT={text!r} is not a port number 1..65535")
+    return port

@@ -73,16 +73,21 @@ class MarginCacheResult:
     skipped_tasks: dict[str, int] = field(default_factory=dict)
     elapsed_seconds: float | None = None
     """Wall time of the whole pipeline()/pipeline_with_client() call (None: the sum of the stages)."""
+    rows_without_coordinates: int = 0
+    """rows checked (candidates, or every row with check_input) whose ra or dec is NaN/inf/null"""
 
     def summary(self) -> str:
         mode = "exact" if self.fine_filtering else "coarse"
         elapsed = sum(self.stage_seconds.values()) if self.elapsed_seconds is None else self.elapsed_seconds
         split = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in self.stage_seconds.items())
-        return (
+        text = (
             f"wrote {self.total_rows} margin rows in {len(self.pixels)} pixel file(s) to {self.catalog_path} "
             f"({mode}, threshold {self.margin_threshold:g} arcsec, margin order {self.margin_order}, "
             f"{elapsed:.1f} s: {split})"
         )
+        if self.rows_without_coordinates:
+            text += f"; {self.rows_without_coordinates} row(s) with NaN/inf/null ra/dec had no position"
+        return text
 
 
 @dataclass
@@ -202,6 +207,7 @@ def _execute(prepared: _Prepared, client: Client, clock: runner.StageClock) -> M
         for task in plan.map_tasks:
             if task.key not in results:
                 results[task.key] = read_json(plan.layout.map_marker(*task.source))
+        no_position = _warn_rows_without_coordinates(results, args.fine_filtering)
     reduce_tasks = _reduce_tasks(plan, results)
     with clock("reducing"):
         done = _done_keys(plan.layout.base / "reducing") if resumed else set()
@@ -229,7 +235,27 @@ def _execute(prepared: _Prepared, client: Client, clock: runner.StageClock) -> M
         fine_filtering=args.fine_filtering,
         stage_seconds=clock.seconds,
         skipped_tasks={"mapping": skipped_map, "reducing": len(reduce_tasks) - len(todo)},
+        rows_without_coordinates=no_position,
     )
+
+
+def _warn_rows_without_coordinates(map_results: dict[str, dict], fine_filtering: bool) -> int:
+    """Count (and warn about) the rows the map tasks found without ra/dec."""
+    counts = {key: int(payload.get("rows_without_coordinates", 0)) for key, payload in map_results.items()}
+    total = sum(counts.values())
+    if total:
+        keys = [key for key, n in sorted(counts.items()) if n]
+        where = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        fate = (
+            "they are left out of the margin (no distance can be measured)"
+            if fine_filtering
+            else "the coarse margin places them by their spatial index alone"
+        )
+        logger.warning(
+            "%d row(s) have NaN/inf/null ra or dec (partitions %s): %s; pass check_input=True "
+            "(CLI: --check-input) to count them over every row", total, where, fate,
+        )
+    return total
 
 
 def _prepare_output(plan, lock: OutputLock) -> bool | str:

@@ -3,8 +3,7 @@
 A run records its fingerprint in ``<intermediate>/run.json`` before any task runs. A later
 run with ``resume=True`` continues only if every value matches; otherwise it refuses and
 names the values that changed. ``resume=False`` deletes only this run's own intermediate
-directory. The lock file ``<artifact>/.hats-margin.lock`` holds the owner's host and pid;
-a lock whose process is dead (same host) is taken over; the lock also records the run's
+directory. The output lock lives in ``lock.py`` (re-exported here); it records the run's
 fingerprint and phase, so the next run can tell that a dead run had finished writing its
 catalog (and only its clean-up is left).
 
@@ -18,20 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import socket
 import time
-from pathlib import Path
 
-from upath import UPath
-
-from hats_margin.errors import OutputExistsError, OutputLockedError, ResumeMismatchError
-from hats_margin.io import TempLayout, is_local, read_json, write_json
+from hats_margin.errors import OutputExistsError, ResumeMismatchError
+from hats_margin.io import TempLayout, read_json, write_json
+from hats_margin.lock import LOCK_NAME, OutputLock, fingerprint_digest  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
-
-LOCK_NAME = ".hats-margin.lock"
 
 
 def prepare_intermediate(layout: TempLayout, fingerprint: dict, resume: bool) -> bool:
@@ -55,10 +48,11 @@ def prepare_intermediate(layout: TempLayout, fingerprint: dict, resume: bool) ->
         )
     if recorded and resume:
         previous = recorded.get("fingerprint", {})
+        differing = [key for key in sorted(set(previous) | set(fingerprint)) if previous.get(key) != fingerprint.get(key)]
         changed = [
-            f"{key} (was {previous.get(key)!r}, now {fingerprint.get(key)!r})"
-            for key in sorted(set(previous) | set(fingerprint))
-            if previous.get(key) != fingerprint.get(key)
+            change
+            for key in differing
+            if (change := _describe_change(layout, key, previous.get(key), fingerprint.get(key)))
         ]
         if changed:
             raise ResumeMismatchError(
@@ -67,6 +61,8 @@ def prepare_intermediate(layout: TempLayout, fingerprint: dict, resume: bool) ->
                 "resume=False (CLI: --no-resume) to discard them and start fresh."
             )
         layout.make_dirs()
+        if differing:  # only partitions not mapped yet changed (e.g. a corrupt file fixed): record them
+            write_json(layout.run_file, {**recorded, "fingerprint": fingerprint})
         return True
     if layout.base.exists():
         logger.info("discarding intermediate files in %s (resume=False or no usable run.json)", layout.base)
@@ -74,6 +70,25 @@ def prepare_intermediate(layout: TempLayout, fingerprint: dict, resume: bool) ->
     layout.make_dirs()
     write_json(layout.run_file, {"fingerprint": fingerprint, "created": time.time()})
     return False
+
+
+def _describe_change(layout: TempLayout, key: str, was, now) -> str | None:
+    """What changed, for the refusal; None for a change that cannot mix runs: partition files
+    edited before their map task ever finished (their shards are written again)."""
+    if key == "input_files" and isinstance(was, dict) and isinstance(now, dict):
+        if was.keys() != now.keys():
+            return "input_files (the set of partition files changed)"
+        edited = sorted(k for k in was if was[k] != now[k])
+        mapped = [k for k in edited if layout.map_marker(*(int(x) for x in k.split("_"))).exists()]
+        if not mapped:
+            return None
+        shown = ", ".join("Norder={}/Npix={}".format(*k.split("_")) for k in mapped[:5])
+        more = f" and {len(mapped) - 5} more" if len(mapped) > 5 else ""
+        return (
+            f"input_files ({len(mapped)} partition file(s) changed after that run had read them: {shown}{more}; "
+            "resuming would mix old and new rows)"
+        )
+    return f"{key} (was {was!r}, now {now!r})"
 
 
 def discard_intermediate(layout: TempLayout):
@@ -100,93 +115,3 @@ def _is_ours(layout: TempLayout) -> bool:
 def digest(value) -> str:
     """Short stable hash of a JSON-able value (fingerprint fields, whole fingerprints)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def fingerprint_digest(fingerprint: dict | None) -> str | None:
-    return None if fingerprint is None else digest(fingerprint)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class OutputLock:
-    """Exclusive ownership of one output artifact directory for the duration of a run."""
-
-    def __init__(self, catalog_path: UPath, fingerprint: dict | None = None):
-        self.path = catalog_path / LOCK_NAME
-        self.owner = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started": time.time(),
-            "fingerprint": fingerprint_digest(fingerprint),
-            "phase": "running",
-        }
-        self.held = False
-        self.taken_over: dict | None = None
-        """The stale lock of a dead run that this one replaced (its fingerprint and phase)."""
-
-    def acquire(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            if self._create():
-                self.held = True
-                return
-            holder = read_json(self.path) or {}
-            host, pid = holder.get("host"), holder.get("pid")
-            if host == self.owner["host"] and isinstance(pid, int) and not _pid_alive(pid):
-                logger.warning("taking over a stale lock %s of dead process %s", self.path, pid)
-                self.taken_over = holder
-                self.path.unlink(missing_ok=True)
-                continue
-            if host == self.owner["host"] and pid == self.owner["pid"]:
-                raise OutputLockedError(f"{self.path.parent} is already being written by this process")
-            raise OutputLockedError(
-                f"another run (host {host}, pid {pid}) is writing {self.path.parent}; wait for it to end. "
-                f"If that run is dead, delete {self.path} and try again."
-            )
-        raise OutputLockedError(f"could not take the lock {self.path}")
-
-    def _create(self) -> bool:
-        text = json.dumps(self.owner)
-        if is_local(self.path):
-            # the lock appears with its content (hard link of a written file): a crash can never
-            # leave an empty lock that names no owner; io.write_json's temp naming
-            tmp = f"{os.path.dirname(self.path.path)}/.{LOCK_NAME}.{os.getpid()}.tmp"
-            with open(tmp, "w") as handle:
-                handle.write(text)
-            try:
-                os.link(tmp, self.path.path)
-            except FileExistsError:
-                return False
-            except OSError:  # a file system without hard links: exclusive create, then write
-                try:
-                    fd = os.open(self.path.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                except FileExistsError:
-                    return False
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(text)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-            return True
-        if self.path.exists():
-            return False
-        write_json(self.path, self.owner)
-        return True
-
-    def set_phase(self, phase: str):
-        """Record how far the run got, for the next run if this one dies (atomic rewrite)."""
-        if self.held:
-            self.owner["phase"] = phase
-            write_json(self.path, self.owner)
-
-    def release(self):
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False

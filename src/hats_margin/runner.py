@@ -1,9 +1,10 @@
 """The only module that talks to dask.distributed: submit tasks, show progress, gather failures.
 
-A task that raises is reported once (with the partition it worked on, added to the
-exception by the task) and the stage ends with one StageFailedError listing every failed
-key. A worker that dies mid-task is not a failure: the scheduler re-runs its task on
-another worker (distributed's ``allowed-failures``), and tasks are idempotent.
+A task that raises is logged once at INFO (with the partition it worked on, added to the
+exception by the task; shown by the CLI's ``--verbose``) and the stage ends with one
+StageFailedError: one line with the first failed keys, their count and the first error.
+A worker that dies mid-task is not a failure: the scheduler re-runs its task on another
+worker (distributed's ``allowed-failures``), and tasks are idempotent.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def run_stage(
                     results[key] = value
                 else:
                     failures[key] = value
-                    logger.error("%s task %s failed: %s: %s", stage, key, type(value).__name__, _with_notes(value))
+                    # one line per task only in the verbose log: the StageFailedError summarises them
+                    logger.info("%s task %s failed: %s: %s", stage, key, type(value).__name__, _with_notes(value))
             future.release()
             bar.update(len(batch))
     if failures:

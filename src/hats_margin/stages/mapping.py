@@ -19,6 +19,7 @@ import pyarrow as pa
 from upath import UPath
 
 from hats_margin import geometry
+from hats_margin.checks import check_coordinates
 from hats_margin.errors import InputCatalogError
 from hats_margin.io import (
     ShardWriters,
@@ -57,6 +58,8 @@ class MapTask:
     dec_column: str
     schema: pa.Schema
     layout: TempLayout
+    check_input: bool = False
+    """check every row's ra/dec against its spatial index (else only the rows read anyway)"""
 
     @property
     def leaf(self) -> UPath:
@@ -66,13 +69,14 @@ class MapTask:
 
 
 def map_partition(task) -> dict:
-    """Run one map task; returns (and records in its done marker) rows sent per destination."""
+    """Run one map task; returns (and records in its done marker) rows sent per destination,
+    and how many rows it saw without usable coordinates (NaN/inf/null ra or dec)."""
     marker = task.layout.map_marker(*task.source)
     done = read_json(marker)
     if done is not None:
         return done
     try:
-        rows, batches = _map(task)
+        rows, batches, no_position = _map(task)
     except Exception as exc:
         exc.add_note(f"hats-margin: while mapping partition Norder={task.source[0]}/Npix={task.source[1]} ({task.leaf})")
         raise
@@ -80,26 +84,31 @@ def map_partition(task) -> dict:
         "source": list(task.source),
         "rows": {f"{o}_{p}": n for (o, p), n in sorted(rows.items())},
         "batches": {f"{o}_{p}": batches[o, p] for (o, p) in sorted(batches)},  # read by the reduce tasks
+        "rows_without_coordinates": no_position,
     }
     write_json(marker, payload)
     return payload
 
 
-def _map(task) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], list[int]]]:
-    """Rows sent per destination, and the shard's record batches holding each destination's rows."""
+def _map(task) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], list[int]], int]:
+    """Rows sent per destination, the shard's record batches holding each destination's rows, and
+    how many of the rows whose coordinates were checked have none (NaN/inf/null)."""
     dests = geometry.Tiling.from_pixels(task.dest_orders, task.dest_pixels)
     writers = ShardWriters(task.layout, *task.source, task.schema)
+    no_position = 0
     try:
         for path in leaf_files(task.leaf, task.input_suffix):
             parquet = open_parquet(path)
             check_file_schema(parquet, path, task.schema)
+            first_row = 0
             for group in range(parquet.num_row_groups):
-                _map_row_group(task, dests, parquet, path, group, writers)
+                no_position += _map_row_group(task, dests, parquet, path, group, writers, first_row)
+                first_row += parquet.metadata.row_group(group).num_rows
     except BaseException:
         writers.abort()
         raise
     writers.close()
-    return dict(writers.rows), dict(writers.index)
+    return dict(writers.rows), dict(writers.index), no_position
 
 
 SMALL_ROW_GROUP_BYTES = 1 << 20
@@ -136,8 +145,9 @@ class _RowGroup:
         return conform(pa.table([self.columns[n] for n in names], names=names), self.task.schema)
 
 
-def _map_row_group(task, dests, parquet, path, group, writers):
-    """Send the margin rows of one row group to the shard, grouped by destination."""
+def _map_row_group(task, dests, parquet, path, group, writers, first_row: int) -> int:
+    """Send the margin rows of one row group to the shard, grouped by destination. Returns how many
+    of the rows whose coordinates were checked have none (NaN/inf/null)."""
     row_group = _RowGroup(task, parquet, path, group)
     row_group.read([task.healpix_column, task.ra_column, task.dec_column] if task.fine_filtering else [task.healpix_column])
     index = row_group.columns[task.healpix_column]
@@ -145,22 +155,72 @@ def _map_row_group(task, dests, parquet, path, group, writers):
         raise InputCatalogError(f"{path}: the spatial index column {task.healpix_column!r} has null values")
     spatial_index = index.to_numpy().astype(np.int64, copy=False)
     _check_rows_in_partition(task, path, spatial_index)
+    ra = dec = None
+    no_position = 0
+    if task.check_input:  # every row, at the cost of reading ra/dec of every row group
+        ra, dec = _radec(task, row_group)
+        no_position = _check_coordinates(task, path, first_row, ra, dec, spatial_index, None)
     if len(dests) == 0:
-        return
+        return no_position
     rows, dest_idx = geometry.candidate_pairs(
         spatial_index, task.healpix_order, *task.source, task.search_order, task.rings, dests
     )
     if len(rows) == 0:
-        return
-    # checks of the candidate rows' own values (ra/dec: row_group.numpy(task.ra_column)) go here
+        return no_position
     if task.fine_filtering:
-        rows, dest_idx = _exact_filter(task, dests, row_group, spatial_index, rows, dest_idx)
+        if ra is None:  # read anyway by the exact filter: check the candidates at no extra read
+            ra, dec = _radec(task, row_group)
+            no_position = _check_coordinates(task, path, first_row, ra, dec, spatial_index, np.unique(rows))
+        rows, dest_idx = _exact_filter(task, dests, ra, dec, spatial_index, rows, dest_idx)
         if len(rows) == 0:
-            return
+            return no_position
     table = row_group.table()
+    if ra is None:  # coarse mode: the selected rows' ra/dec are in the table just read
+        selected = np.unique(rows)
+        picked = table.select([task.ra_column, task.dec_column]).take(pa.array(selected))
+        no_position = _check_coordinates(
+            task, path, first_row, _float_array(picked.column(0)), _float_array(picked.column(1)),
+            spatial_index[selected], None, positions=selected,
+        )
     for lo, hi in _runs(dest_idx):
         dest = (int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
         writers.write(dest, table.take(pa.array(rows[lo:hi])))
+    return no_position
+
+
+def _radec(task, row_group: _RowGroup) -> tuple[np.ndarray, np.ndarray]:
+    """ra and dec of every row of the row group as float64 (decoded once, kept for the table)."""
+    row_group.read([task.ra_column, task.dec_column])
+    return _float_array(row_group.columns[task.ra_column]), _float_array(row_group.columns[task.dec_column])
+
+
+def _float_array(column) -> np.ndarray:
+    """A numeric column as float64, nulls as NaN; a column that is not numeric is refused."""
+    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_decimal(column.type)):
+        raise InputCatalogError(f"the ra/dec column is {column.type}, not a number of degrees")
+    return np.asarray(column.cast(pa.float64()).fill_null(np.nan).to_numpy(), dtype=np.float64)
+
+
+def _check_coordinates(task, path, first_row, ra, dec, spatial_index, rows, positions=None) -> int:
+    """Refuse rows whose ra/dec contradict their spatial index; return how many have none.
+
+    ``rows`` selects rows of ``ra``/``dec``/``spatial_index`` (None: all of them);
+    ``positions`` gives the row numbers in the row group of the arrays' entries (default: the
+    entry's own index)."""
+    if rows is not None:
+        ra, dec, spatial_index, positions = ra[rows], dec[rows], spatial_index[rows], rows
+    result = check_coordinates(ra, dec, spatial_index, task.healpix_order)
+    if len(result.contradicting):
+        first = int(result.contradicting[0])
+        row = first_row + int(first if positions is None else positions[first])
+        raise InputCatalogError(
+            f"partition Norder={task.source[0]}/Npix={task.source[1]} ({path}), row {row}: "
+            f"{task.ra_column}={float(ra[first])!r}, {task.dec_column}={float(dec[first])!r} is not in the HEALPix cell of its "
+            f"{task.healpix_column}={int(spatial_index[first])} ({len(result.contradicting)} such row(s) in this "
+            "row group): the coordinates contradict the spatial index (is hats_col_ra/hats_col_dec the right "
+            "column? were ra/dec edited after partitioning?)"
+        )
+    return len(result.non_finite)
 
 
 def _check_rows_in_partition(task, path, spatial_index):
@@ -175,9 +235,7 @@ def _check_rows_in_partition(task, path, spatial_index):
         )
 
 
-def _exact_filter(task, dests, row_group, spatial_index, rows, dest_idx):
-    ra = row_group.numpy(task.ra_column)
-    dec = row_group.numpy(task.dec_column)
+def _exact_filter(task, dests, ra, dec, spatial_index, rows, dest_idx):
     keep = np.zeros(len(rows), dtype=bool)
     for lo, hi in _runs(dest_idx):
         dest = (int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))

@@ -19,7 +19,7 @@ from upath import UPath
 
 from hats_margin import collection, geometry
 from hats_margin.arguments import MarginCacheArguments
-from hats_margin.errors import ArgumentError, InputCatalogError
+from hats_margin.errors import ArgumentError, InputCatalogError, describe_invalid
 from hats_margin.io import (
     INTERMEDIATE_FORMAT,
     TempLayout,
@@ -27,9 +27,10 @@ from hats_margin.io import (
     canonical_path,
     leaf_files,
     leaf_path,
-    list_leaves,
     lists_partitions,
+    partition_identities,
     read_input_schema,
+    scan_leaves,
 )
 from hats_margin.prechecks import check_input_directory, check_output_directories, check_path_relations
 from hats_margin.resume import digest
@@ -50,6 +51,8 @@ class InputCatalog:
     healpix_column: str
     healpix_order: int
     npix_suffix: str
+    leaf_identities: dict = field(default_factory=dict, compare=False, repr=False)
+    """(order, pixel) -> identity of the partition's file(s), from the listing planning makes."""
 
     @property
     def highest_order(self) -> int:
@@ -106,7 +109,8 @@ def open_input(path) -> InputCatalog:
             + ("" if listable else " (or it does not exist)")
         ) from exc
     except ValueError as exc:
-        raise InputCatalogError(f"the properties file of {path} is invalid: {exc}") from exc
+        name = "hats.properties" if (path / "hats.properties").exists() else "properties"
+        raise InputCatalogError(f"{path / name} is invalid: {describe_invalid(exc)}; fix that line of the file") from exc
     catalog_type = str(properties.catalog_type)
     if catalog_type not in ("object", "source"):
         raise InputCatalogError(
@@ -130,14 +134,17 @@ def open_input(path) -> InputCatalog:
     try:
         loaded = hats.read_hats(path, read_moc=False)
     except Exception as exc:  # hats raises many types for broken catalogs
-        raise InputCatalogError(f"hats cannot open {path}: {type(exc).__name__}: {exc}") from exc
+        raise InputCatalogError(f"hats cannot open {path}: {type(exc).__name__}: {describe_invalid(exc)}") from exc
     partitions = tuple((p.order, p.pixel) for p in loaded.get_healpix_pixels())
     neg_orders, neg_pixels = geometry.negative_tree([o for o, _ in partitions], [p for _, p in partitions])
     negative = tuple(zip(neg_orders.tolist(), neg_pixels.tolist()))
     suffix = properties.npix_suffix or ".parquet"
-    # local disks: one listing finds every missing partition before any work; elsewhere the
-    # partition info is trusted and a missing file fails its map task, naming its path
-    missing = sorted(set(partitions) - list_leaves(path)) if listable else []
+    # one listing where the store can list (local disks, object stores) gives each partition file's
+    # identity (size and time or ETag, for resume); on local disks it also finds every missing
+    # partition before any work. HTTP cannot list: there the partition info is trusted, a missing
+    # file fails its map task naming its path, and identities come from one info call per file.
+    present = scan_leaves(path) if path.protocol not in ("http", "https") else {}
+    missing = sorted(set(partitions) - present.keys()) if listable else []
     if not listable and suffix in ("/", "\\") and partitions:
         leaf_files(leaf_path(path, *partitions[0], suffix), suffix)  # no _metadata and no listing: say so now
     if missing:
@@ -146,7 +153,9 @@ def open_input(path) -> InputCatalog:
             f"{len(missing)} partition(s) listed in the catalog's partition info have no file: {shown}"
             + (" ..." if len(missing) > 5 else "")
         )
-    return InputCatalog(path, properties, schema, partitions, negative, healpix_column, healpix_order, suffix)
+    return InputCatalog(
+        path, properties, schema, partitions, negative, healpix_column, healpix_order, suffix, present
+    )
 
 
 def check_output_location(args: MarginCacheArguments, input_path: UPath):
@@ -183,6 +192,8 @@ def make_fingerprint(args: MarginCacheArguments, catalog: InputCatalog, margin_o
         "input_partitions": digest(sorted(catalog.partitions)),
         "input_rows": catalog.properties.total_rows,
         "input_schema": digest(catalog.schema.to_string(show_schema_metadata=False)),
+        # each partition's size and time (or ETag): an input edited between a kill and the resume is refused
+        "input_files": partition_identities(catalog.path, catalog.partitions, catalog.npix_suffix, catalog.leaf_identities),
         "output": canonical_path(args.catalog_path),
         "margin_threshold": float(args.margin_threshold),
         "margin_order": int(margin_order),
@@ -243,20 +254,34 @@ def destinations(catalog: InputCatalog) -> geometry.Tiling:
 
 
 def reachable_destinations(plan: Plan, tiling: geometry.Tiling) -> dict[tuple[int, int], np.ndarray]:
-    """For each source partition, the tiling indices it can send rows to (itself excluded)."""
+    """For each source partition, the tiling indices it can send rows to (itself excluded).
+
+    In exact mode the neighbourhood is searched at an order no finer than the threshold's own
+    (ancestors of the partitions, a few rings): a superset of the reachable destinations at any
+    threshold for the cost of a small one; a threshold covering the whole sky reaches every tile.
+    """
     result = {}
     by_order: dict[int, list[int]] = {}
     for order, pixel in plan.catalog.partitions:
         by_order.setdefault(order, []).append(pixel)
+    fine, threshold = plan.args.fine_filtering, plan.threshold_arcsec
     for order, pixels in by_order.items():
-        rings = geometry.rings_needed(plan.threshold_arcsec, order) if plan.args.fine_filtering else 1
         cells = np.asarray(pixels, dtype=np.int64)
-        owner, nbr = geometry.neighbourhood(cells, order, rings)
-        nbr_idx, tile_idx = tiling.overlapping(order, nbr)
+        query_order = min(order, geometry.coarse_order_for_threshold(threshold)) if fine else order
+        rings = geometry.rings_needed(threshold, query_order) if fine else 1
+        if fine and geometry.covers_whole_sky(rings, query_order):
+            everything = np.arange(len(tiling), dtype=np.int64)
+            for pixel in pixels:
+                result[(order, pixel)] = np.delete(everything, tiling.index_of(order, pixel))
+            continue
+        ancestors, cell_ancestor = np.unique(cells >> (2 * (order - query_order)), return_inverse=True)
+        owner, nbr = geometry.neighbourhood(ancestors, query_order, rings)
+        nbr_idx, tile_idx = tiling.overlapping(query_order, nbr)
         pairs = np.unique(np.stack([owner[nbr_idx], tile_idx], axis=1), axis=0)
-        bounds = np.searchsorted(pairs[:, 0], np.arange(len(cells) + 1))
+        bounds = np.searchsorted(pairs[:, 0], np.arange(len(ancestors) + 1))
         for i, pixel in enumerate(pixels):
-            tiles = pairs[bounds[i]:bounds[i + 1], 1]
+            a = cell_ancestor[i]
+            tiles = pairs[bounds[a]:bounds[a + 1], 1]
             tiles = tiles[~((tiling.orders[tiles] == order) & (tiling.pixels[tiles] == pixel))]
             result[(order, pixel)] = tiles
     return result
@@ -295,6 +320,7 @@ def make_map_tasks(plan: Plan) -> list[MapTask]:
                 dec_column=catalog.properties.dec_column,
                 schema=catalog.schema,
                 layout=plan.layout,
+                check_input=args.check_input,
             )
         )
     # biggest first keeps both workers busy until the end
