@@ -27,7 +27,8 @@ def plan_for(partitions, threshold, fine=True, margin_order=None):
     catalog = planning.InputCatalog(UPath("/tmp/x"), props, schema, tuple(partitions),
                                     tuple(zip(orders.tolist(), pixels.tolist())), "_healpix_29", 29, ".parquet")
     args = MarginCacheArguments(input_catalog_path="/tmp/x", output_path="/tmp/y", output_artifact_name="z",
-                                margin_threshold=threshold, margin_order=margin_order, fine_filtering=fine)
+                                margin_threshold=threshold, margin_order=margin_order, fine_filtering=fine,
+                                allow_extreme_threshold=True)
     return planning.Plan(args=args, catalog=catalog, margin_order=args.margin_order, threshold_arcsec=threshold,
                          layout=TempLayout(UPath("/tmp/y/z/intermediate")), fingerprint={})
 
@@ -87,7 +88,7 @@ def test_candidate_pairs_of_a_whole_sky_search_pair_every_row_with_every_destina
 def test_a_build_with_a_huge_threshold_ends_with_every_row_in_every_other_pixel(client, catalogs, tmp_path):
     source = catalogs / "small_sky_object_catalog"
     args = MarginCacheArguments(input_catalog_path=source, output_path=tmp_path, output_artifact_name="sky",
-                                margin_threshold=1e300, progress_bar=False)
+                                margin_threshold=1e300, progress_bar=False, allow_extreme_threshold=True)
     result = pipeline_with_client(args, client)
     total = TableProperties.read_from_dir(source).total_rows
     # one partition: every other pixel of the sky (the negative tree) holds every row

@@ -23,7 +23,8 @@ def precheck(args) -> None:
     catalog is refused when overwrite=False and no run of ours left it unfinished."""
     input_path = check_input_directory(args.input_catalog_path)
     check_output_directories(args)
-    check_path_relations(args, input_path)
+    if not (input_path / "collection.properties").exists():  # a collection: planning checks its primary
+        check_path_relations(args, input_path)
     target = args.catalog_path
     if args.overwrite or not looks_like_catalog(target):
         return
