@@ -126,6 +126,7 @@ class _RowGroup:
             self.columns.update(zip(table.column_names, table.columns))
 
     def numpy(self, name) -> np.ndarray:
+        """The named column as a numpy array (decoded now if not read yet)."""
         self.read([name])
         return self.columns[name].to_numpy()
 
@@ -164,6 +165,7 @@ def _map_row_group(task, dests, parquet, path, group, writers):
 
 
 def _check_rows_in_partition(task, path, spatial_index):
+    """Raise :class:`InputCatalogError` if any row's spatial index lies outside the task's source partition."""
     order, pixel = task.source
     owner = spatial_index >> (2 * (task.healpix_order - order))
     wrong = np.flatnonzero(owner != pixel)
@@ -176,6 +178,7 @@ def _check_rows_in_partition(task, path, spatial_index):
 
 
 def _exact_filter(task, dests, row_group, spatial_index, rows, dest_idx):
+    """Keep the candidate (row, destination) pairs whose row is within the threshold of its destination pixel."""
     ra = row_group.numpy(task.ra_column)
     dec = row_group.numpy(task.dec_column)
     keep = np.zeros(len(rows), dtype=bool)
