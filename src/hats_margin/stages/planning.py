@@ -63,6 +63,7 @@ class Plan:
     and threshold (arcsec), where intermediate files go, the resume fingerprint, and one
     :class:`MapTask` per source partition.
     """
+
     args: MarginCacheArguments
     catalog: InputCatalog
     margin_order: int

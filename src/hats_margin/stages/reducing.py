@@ -34,6 +34,7 @@ class ReduceTask:
     its output file. ``expected_rows`` is what the map tasks reported sending; a different count
     written is an error.
     """
+
     key: str
     pixel: tuple[int, int]
     sources: tuple[tuple[int, int, tuple[int, ...]], ...]
