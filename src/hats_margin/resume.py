@@ -103,10 +103,12 @@ def digest(value) -> str:
 
 
 def fingerprint_digest(fingerprint: dict | None) -> str | None:
+    """The digest of a whole fingerprint, as stored in the lock and the artifact claim (None stays None)."""
     return None if fingerprint is None else digest(fingerprint)
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one owned by another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -120,6 +122,7 @@ class OutputLock:
     """Exclusive ownership of one output artifact directory for the duration of a run."""
 
     def __init__(self, catalog_path: UPath, fingerprint: dict | None = None):
+        """A lock (not yet taken) on ``catalog_path``, naming this host, process and fingerprint."""
         self.path = catalog_path / LOCK_NAME
         self.owner = {
             "host": socket.gethostname(),
@@ -133,6 +136,10 @@ class OutputLock:
         """The stale lock of a dead run that this one replaced (its fingerprint and phase)."""
 
     def acquire(self):
+        """Take the lock, replacing a stale one left by a dead process on this host.
+
+        Raises :class:`OutputLockedError` if a live run (or this process) holds it.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             if self._create():
@@ -154,6 +161,7 @@ class OutputLock:
         raise OutputLockedError(f"could not take the lock {self.path}")
 
     def _create(self) -> bool:
+        """Create the lock file with its content in one step; False if it already exists."""
         text = json.dumps(self.owner)
         if is_local(self.path):
             # the lock appears with its content (hard link of a written file): a crash can never
@@ -187,6 +195,7 @@ class OutputLock:
             write_json(self.path, self.owner)
 
     def release(self):
+        """Delete the lock file if this run holds it."""
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
