@@ -447,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hats-margin`` command; returns the exit code.
 
     0 on success, 1 for a failed verify or an unexpected error, 2 for a bad value (one-line
-    message; a traceback only with ``--verbose``), 130 when interrupted.
+    message; a traceback only with ``--verbose``), 130 when interrupted. Options argparse rejects
+    exit with 2 from argparse itself.
     """
     parser = build_parser()
     opts = parser.parse_args(argv)
