@@ -19,6 +19,12 @@ logger = logging.getLogger(__name__)
 
 
 def send_completion_email(args, *, success: bool, body: str):
+    """Email the run's outcome to ``completion_email_address`` (nothing if it is empty).
+
+    The server is ``smtp_host``/``smtp_port`` or the ``HATS_MARGIN_SMTP_*`` environment variables
+    (default localhost:25; STARTTLS and login optional). A failure to send is logged as a warning,
+    never raised: the margin is already written.
+    """
     address = args.completion_email_address
     if not address:
         return
