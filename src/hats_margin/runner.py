@@ -145,6 +145,7 @@ class StageClock:
     """Wall time per stage, for the result and the benchmarks."""
 
     def __init__(self):
+        """No stage timed yet."""
         self.seconds: dict[str, float] = {}
 
     @contextmanager

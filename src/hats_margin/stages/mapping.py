@@ -112,6 +112,7 @@ class _RowGroup:
     spatial index (and ra/dec in exact mode) first, the other columns only if margin rows remain."""
 
     def __init__(self, task, parquet, path, group):
+        """Nothing decoded yet, except every column at once for a small row group."""
         self.task, self.parquet, self.path, self.group = task, parquet, path, group
         self.columns: dict[str, pa.ChunkedArray] = {}
         self.small = parquet.metadata.row_group(group).total_byte_size <= SMALL_ROW_GROUP_BYTES
