@@ -351,14 +351,17 @@ class TempLayout:
     # the directories are joined once per layout (a UPath join costs ~50 us, a task needs several)
     @cached_property
     def _mapping(self) -> UPath:
+        """Directory of the map tasks' done markers."""
         return self.base / "mapping"
 
     @cached_property
     def _reducing(self) -> UPath:
+        """Directory of the reduce tasks' done markers."""
         return self.base / "reducing"
 
     @cached_property
     def _shards(self) -> UPath:
+        """Directory of the map tasks' shard files."""
         return self.base / "shards"
 
     def map_marker(self, order: int, pixel: int) -> UPath:

@@ -371,6 +371,7 @@ def _interval_bounds(c0, a2, s0, half_m, s1, s2, e1, e2):
     sv = np.where(conv > 0, sv, s1)
 
     def q(x):
+        """Q(x) = kappa (x - s_r)^2 - half_m x^2, the quadratic part of the bound."""
         dx = x - sr
         return kappa * (dx * dx) - half_m * (x * x)
 
