@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 
 try:
-    from hats_margin import synthetic
+    from hats_margin.testing import synthetic
 except ImportError:  # running from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from hats_margin import synthetic
+    from hats_margin.testing import synthetic
 
 
 def main(argv=None):

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 try:
-    from hats_margin import synthetic
+    from hats_margin.testing import synthetic
 except ImportError:  # running from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from hats_margin import synthetic
+    from hats_margin.testing import synthetic
 
 
 def _dir_bytes(path: Path) -> int:

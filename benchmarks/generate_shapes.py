@@ -8,7 +8,7 @@
   partitions of 300k-1M rows (all-sky with a denser galactic band, split at 1M rows), row groups
   of 100k rows as hats writes them (``get_parquet_write_table_kwargs``).
 * ``many``: >= 10,000 small partitions: all-sky, a galactic band and gaussian clusters
-  (``hats_margin.synthetic.realistic_sky``, 13 columns), split at 200 rows (16,728 partitions).
+  (``hats_margin.testing.synthetic.realistic_sky``, 13 columns), split at 200 rows (16,728 partitions).
 * ``nested``: a ``list<struct<mjd, mag, mag_err, band, flags>>`` light curve of 20-60 epochs per
   object beside 10 flat columns, partitions of <= 50k objects.
 
@@ -33,10 +33,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 try:
-    from hats_margin import synthetic
+    from hats_margin.testing import synthetic
 except ImportError:  # running from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from hats_margin import synthetic
+    from hats_margin.testing import synthetic
 
 from hats.catalog import PartitionInfo, TableProperties
 from hats.io.file_io import get_parquet_write_table_kwargs

@@ -21,7 +21,12 @@ import pytest
 
 from hats_margin import MarginCacheArguments, pipeline_with_client
 from hats_margin.pixel_distance import distance_to_pixel_arcsec
-from hats_margin.synthetic import THREE_PIXEL_VERTICES_DEG, points_table, spatial_index, write_hats_catalog
+from hats_margin.testing.synthetic import (
+    THREE_PIXEL_VERTICES_DEG,
+    points_table,
+    spatial_index,
+    write_hats_catalog,
+)
 from hats_margin.verify import verify_margin
 
 MAX_ROWS = 250

@@ -20,7 +20,7 @@ from hats_margin import MarginCacheArguments, ResumeMismatchError, StageFailedEr
 from hats_margin import io as hm_io
 from hats_margin.io import ShardWriters, TempLayout, read_shard
 from hats_margin.stages import mapping, reducing
-from hats_margin.synthetic import points_table, write_hats_catalog
+from hats_margin.testing.synthetic import points_table, write_hats_catalog
 from helpers import rows_per_pixel
 
 NAME = "margin"

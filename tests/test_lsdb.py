@@ -12,7 +12,7 @@ from astropy import units as u
 from astropy.coordinates import Latitude, Longitude
 
 from hats_margin import MarginCacheArguments, pipeline_with_client
-from hats_margin.synthetic import write_hats_catalog
+from hats_margin.testing.synthetic import write_hats_catalog
 
 CATALOG = "small_sky_source_catalog"
 THRESHOLD_ARCSEC = 60.0

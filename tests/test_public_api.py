@@ -64,3 +64,30 @@ def test_pipeline_is_the_function_after_every_submodule_is_imported():
     assert pipeline_with_client is orchestrator.pipeline_with_client
     assert pipeline_with_client.__name__ == "pipeline_with_client"
     assert list(inspect.signature(pipeline_with_client).parameters)[:2] == ["args", "client"]
+
+
+def test_synthetic_data_lives_in_the_testing_subpackage_only():
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    # the test and benchmark data writer is in hats_margin.testing, not the main namespace
+    assert importlib.util.find_spec("hats_margin.synthetic") is None
+    from hats_margin.testing import synthetic
+
+    assert callable(synthetic.write_hats_catalog) and callable(synthetic.realistic_sky)
+    # and no runtime module imports it
+    root = Path(hats_margin.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if "testing" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or "", *(a.name for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any("synthetic" in n or n.endswith("testing") for n in names):
+                offenders.append(str(path.relative_to(root)))
+    assert offenders == []

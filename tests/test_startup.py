@@ -150,7 +150,7 @@ def test_run_warns_when_the_margin_would_outgrow_its_primary(client, catalogs, t
 @pytest.fixture(scope="module")
 def many_partitions(tmp_path_factory):
     """An all-sky catalog of many small partitions: a run long enough to interrupt."""
-    from hats_margin.synthetic import points_table, write_hats_catalog
+    from hats_margin.testing.synthetic import points_table, write_hats_catalog
 
     rng = np.random.default_rng(5)
     n = 100_000

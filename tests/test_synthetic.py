@@ -1,4 +1,4 @@
-"""Tests of the synthetic catalog writer and sky generator (hats_margin.synthetic)."""
+"""Tests of the synthetic catalog writer and sky generator (hats_margin.testing.synthetic)."""
 
 from pathlib import Path
 
@@ -12,7 +12,7 @@ from hats.io.validation import is_valid_catalog
 from hats.pixel_math.healpix_pixel_function import sort_pixels
 from hats.pixel_math.spatial_index import compute_spatial_index
 
-from hats_margin.synthetic import (
+from hats_margin.testing.synthetic import (
     THREE_PIXEL_VERTICES_DEG,
     points_table,
     realistic_sky,

@@ -13,7 +13,7 @@ import pytest
 
 from hats_margin import MarginCacheArguments, cli, pipeline_with_client
 from hats_margin.pixel_distance import within_threshold_of_pixel
-from hats_margin.synthetic import THREE_PIXEL_VERTICES_DEG, spatial_index
+from hats_margin.testing.synthetic import THREE_PIXEL_VERTICES_DEG, spatial_index
 from hats_margin.verify import verify_margin
 
 SOURCE = "small_sky_source_catalog"

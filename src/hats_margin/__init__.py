@@ -60,6 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
 
 
 def __getattr__(name: str):
+    """Import a public name's home module on first use (keeps ``import hats_margin`` light)."""
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
@@ -68,4 +69,5 @@ def __getattr__(name: str):
 
 
 def __dir__():
+    """The public names (``__all__``)."""
     return __all__

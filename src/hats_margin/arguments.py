@@ -98,6 +98,7 @@ class MarginCacheArguments:
     order_given: bool = field(init=False, repr=False, default=False)
 
     def __post_init__(self):
+        """Check every argument and derive threshold and order; raises :class:`ArgumentError` naming the bad value."""
         self._check_paths()
         self._check_threshold_and_order()
         self._check_runtime()
@@ -105,6 +106,7 @@ class MarginCacheArguments:
 
     # ------------------------------------------------------------------ checks
     def _check_paths(self):
+        """Input and output paths given and path-like; the artifact name a plain directory name."""
         for name in ("input_catalog_path", "output_path"):
             value = getattr(self, name)
             if value is None or (isinstance(value, str) and not value.strip()):
@@ -125,6 +127,11 @@ class MarginCacheArguments:
             )
 
     def _check_threshold_and_order(self):
+        """Threshold to arcsec and order to int, each defaulted from the other when not given.
+
+        No order: the finest order whose cells are at least as wide as the threshold. No threshold:
+        ``DEFAULT_THRESHOLD_ARCSEC``, or in coarse mode with an order, the width its cells guarantee.
+        """
         self.threshold_given = self.margin_threshold is not None
         self.order_given = self.margin_order is not None and self.margin_order != -1
         if self.threshold_given:
@@ -153,6 +160,9 @@ class MarginCacheArguments:
             self._check_order_against_threshold()
 
     def _check_order_against_threshold(self):
+        """Both given: coarse mode refuses cells narrower than the threshold; exact mode warns when
+        the order is much finer than needed (slower, still exact).
+        """
         threshold, order = self.margin_threshold, self.margin_order
         if not self.fine_filtering and coarse_reach_arcsec(order) < threshold:
             # a coarse margin keeps whole margin_order cells: narrower cells than the threshold
@@ -174,6 +184,7 @@ class MarginCacheArguments:
             )
 
     def _check_runtime(self):
+        """Worker counts positive integers, flags booleans, email address and SMTP port well-formed."""
         for name in ("dask_n_workers", "dask_threads_per_worker"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
@@ -195,6 +206,8 @@ class MarginCacheArguments:
             raise ArgumentError(f"smtp_port must be an integer 1..65535, got {self.smtp_port!r}")
 
     def _check_output_options(self):
+        """``npix_suffix`` is '/' or an extension, ``npix_parquet_name`` a plain file name (only with
+        '/'), the names fit a file name (255 bytes), and the property and write kwargs are dicts or None."""
         for name in ("output_artifact_name", "npix_parquet_name"):
             value = getattr(self, name)
             if isinstance(value, str) and len(value.encode()) > MAX_NAME_BYTES:

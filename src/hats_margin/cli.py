@@ -118,6 +118,7 @@ def parse_storage_options(items: list[str] | None) -> dict:
 
 
 def _option_value(text: str):
+    """A ``--storage-option`` value: true/false as bool, JSON numbers, arrays and objects decoded, else the text."""
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -140,6 +141,7 @@ def to_path(value: str | None, storage_options: dict):
 
 # ----------------------------------------------------------------------------- commands
 def _build(opts) -> int:
+    """``hats-margin build``: make the arguments from the options, then plan only (``--dry-run``) or build; exit code 0."""
     from hats_margin.arguments import MarginCacheArguments
 
     storage = parse_storage_options(opts.storage_option)
@@ -195,6 +197,7 @@ def _primary_name(input_path) -> str:
 
 
 def _run(args, scheduler: str | None):
+    """Run the pipeline on a local cluster, or on the Dask scheduler at ``scheduler`` if given."""
     from hats_margin.orchestrator import pipeline, pipeline_with_client
 
     if scheduler is None:
@@ -206,6 +209,7 @@ def _run(args, scheduler: str | None):
 
 
 def _info(opts) -> int:
+    """``hats-margin info``: print what is at the path (catalog, margin or collection)."""
     from hats_margin.info import describe_path
 
     print(describe_path(to_path(opts.path, parse_storage_options(opts.storage_option))))
@@ -213,6 +217,7 @@ def _info(opts) -> int:
 
 
 def _verify(opts) -> int:
+    """``hats-margin verify``: check a margin against its primary; exit code 0 if it passes, 1 if not."""
     try:
         from hats_margin.verify import verify_margin
     except ImportError as exc:
@@ -240,6 +245,7 @@ def sample_catalog():
 
 
 def _demo(opts) -> int:
+    """``hats-margin demo``: build a margin of the bundled sample catalog into ``output_path`` (overwriting)."""
     from hats_margin.arguments import MarginCacheArguments
 
     with resources.as_file(sample_catalog()) as sample:
@@ -261,6 +267,7 @@ def _demo(opts) -> int:
 
 # ----------------------------------------------------------------------------- parser
 def _non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0, else an argparse error naming the text."""
     try:
         value = int(text)
     except ValueError:
@@ -271,10 +278,12 @@ def _non_negative_int(text: str) -> int:
 
 
 def _add_common(parser: argparse.ArgumentParser):
+    """Add ``--verbose``."""
     parser.add_argument("--verbose", "-v", action="store_true", help="INFO logging, and tracebacks on errors")
 
 
 def _add_storage(parser: argparse.ArgumentParser):
+    """Add the repeatable ``--storage-option KEY=VALUE``."""
     parser.add_argument(
         "--storage-option", action="append", metavar="KEY=VALUE", default=[],
         help="fsspec storage option for every URL path (s3://, gs://, ...), repeatable: "
@@ -283,6 +292,7 @@ def _add_storage(parser: argparse.ArgumentParser):
 
 
 def _add_runtime(parser: argparse.ArgumentParser):
+    """Add ``--workers``, ``--threads``, ``--scheduler`` and ``--no-progress``."""
     group = parser.add_argument_group("where it runs (a local cluster, or an existing scheduler)")
     group.add_argument("--workers", type=int, metavar="N", help="worker processes of the local cluster (1)")
     group.add_argument("--threads", type=int, metavar="T", help="threads per worker of the local cluster (1)")
@@ -291,6 +301,7 @@ def _add_runtime(parser: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``hats-margin`` argument parser, one subcommand per command; each sets ``func`` to run it."""
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -405,6 +416,7 @@ class _StderrHandler(logging.Handler):
     """Writes to whatever sys.stderr is at the time (works under test capture)."""
 
     def emit(self, record):
+        """Print the formatted record to the current ``sys.stderr``."""
         try:
             print(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging must not raise
@@ -412,6 +424,7 @@ class _StderrHandler(logging.Handler):
 
 
 def _configure_logging(verbose: bool):
+    """With ``verbose``, log the package at INFO to stderr; else leave logging to the caller's set-up."""
     package = logging.getLogger("hats_margin")
     for handler in [h for h in package.handlers if isinstance(h, _StderrHandler)]:
         package.removeHandler(handler)
@@ -425,6 +438,7 @@ def _configure_logging(verbose: bool):
 
 
 def _error(message: str, code: int) -> int:
+    """Print ``hats-margin: error: <message>`` to stderr and return ``code`` (the exit code)."""
     print(f"{PROG}: error: {cli_message(message)}", file=sys.stderr)
     return code
 
@@ -436,6 +450,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hats-margin`` command; returns the exit code.
+
+    0 on success, 1 for a failed verify or an unexpected error, 2 for a bad value (one-line
+    message; a traceback only with ``--verbose``), 130 when interrupted. Options argparse rejects
+    exit with 2 from argparse itself.
+    """
     parser = build_parser()
     opts = parser.parse_args(argv)
     if getattr(opts, "scheduler", None) and (opts.workers is not None or opts.threads is not None):
@@ -448,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(opts) -> int:
+    """Run the chosen command, turning exceptions into a one-line message and an exit code."""
     try:
         return opts.func(opts)
     except (HatsMarginError, ValueError, FileNotFoundError) as exc:

@@ -53,6 +53,7 @@ class StageFailedError(HatsMarginError, RuntimeError):
     """
 
     def __init__(self, stage: str, failures: dict[str, BaseException], hint: str = ""):
+        """Message: the count and keys of the failed tasks, then the first ten errors, then ``hint``."""
         self.stage = stage
         self.failures = dict(failures)
         keys = sorted(failures)

@@ -150,6 +150,7 @@ def neighbourhood(cells: np.ndarray, order: int, rings: int) -> tuple[np.ndarray
 
 
 def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (a, b) pairs, sorted by a then b."""
     if len(a) == 0:
         return a, b
     pairs = np.unique(np.stack([a, b], axis=1), axis=0)
@@ -169,6 +170,7 @@ class Tiling:
 
     @classmethod
     def from_pixels(cls, orders, pixels) -> Tiling:
+        """A tiling of the given pixels (any order mix, must be disjoint), sorted by range start."""
         orders = np.asarray(orders, dtype=np.int64)
         pixels = np.asarray(pixels, dtype=np.int64)
         starts = pixels << (2 * (MAX_ORDER - orders))
@@ -176,14 +178,17 @@ class Tiling:
         return cls(orders[order_idx], pixels[order_idx])
 
     def __len__(self) -> int:
+        """Number of tiles."""
         return len(self.orders)
 
     @property
     def starts(self) -> np.ndarray:
+        """First order-29 index of each tile."""
         return self.pixels << (2 * (MAX_ORDER - self.orders))
 
     @property
     def ends(self) -> np.ndarray:
+        """One past the last order-29 index of each tile."""
         return (self.pixels + 1) << (2 * (MAX_ORDER - self.orders))
 
     def overlapping(self, query_order: int, query_cells) -> tuple[np.ndarray, np.ndarray]:
@@ -300,5 +305,6 @@ def cell_centres_and_radii(cells: np.ndarray, order: int):
 
 
 def _unit(ra_deg, dec_deg) -> np.ndarray:
+    """Unit vectors (..., 3) of the given ra/dec in degrees."""
     ra, dec = np.radians(ra_deg), np.radians(dec_deg)
     return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)

@@ -19,10 +19,12 @@ _WIDTH = 14
 
 
 def _lines(rows: list[tuple[str, object]]) -> str:
+    """``key: value`` lines, the values aligned in one column."""
     return "\n".join(f"{key + ':':<{_WIDTH}} {value}" for key, value in rows)
 
 
 def _orders(pixels) -> str:
+    """Partition count per order, e.g. ``order 0: 1, order 1: 4``."""
     counts = Counter(order for order, _ in pixels)
     return ", ".join(f"order {order}: {n}" for order, n in sorted(counts.items()))
 

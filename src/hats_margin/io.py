@@ -34,10 +34,12 @@ _ORDER = re.compile(r"^Norder=(\d+)$")
 
 
 def as_upath(path) -> UPath:
+    """``path`` as a UPath (returned unchanged if it already is one)."""
     return path if isinstance(path, UPath) else UPath(path)
 
 
 def is_local(path: UPath) -> bool:
+    """Whether ``path`` is on the local file system (no protocol, ``file`` or ``local``)."""
     return path.protocol in ("", "file", "local")
 
 
@@ -83,6 +85,7 @@ def arrow_location(path: UPath):
 
 
 def pixel_dir(catalog: UPath, order: int, pixel: int) -> UPath:
+    """The ``dataset/Norder=K/Dir=D`` directory of a pixel (D: the pixel rounded down to 10,000)."""
     return catalog / "dataset" / f"Norder={order}" / f"Dir={(pixel // 10000) * 10000}"
 
 
@@ -93,6 +96,9 @@ def leaf_path(catalog: UPath, order: int, pixel: int, npix_suffix: str) -> UPath
 
 
 def output_file(catalog: UPath, order: int, pixel: int, npix_suffix: str, npix_parquet_name: str | None) -> UPath:
+    """The margin parquet file of a pixel: the leaf itself, or for a directory suffix ('/')
+    a file inside it named ``npix_parquet_name`` (default ``Npix=N.parquet``).
+    """
     leaf = leaf_path(catalog, order, pixel, npix_suffix)
     if npix_suffix in ("/", "\\"):
         return leaf / (npix_parquet_name or f"Npix={pixel}.parquet")
@@ -256,6 +262,7 @@ def read_input_schema(catalog: UPath) -> pa.Schema:
 
 
 def open_parquet(path: UPath) -> pq.ParquetFile:
+    """Open a partition file's footer; raises :class:`InputCatalogError` if it is missing or not parquet."""
     location, fs = arrow_location(path)
     try:
         return pq.ParquetFile(location, filesystem=fs)
@@ -301,6 +308,7 @@ def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
 
 
 def _kind(kind: pa.DataType) -> str | None:
+    """Broad kind of an Arrow type (number, text, binary, boolean, time, list), or None for any other type."""
     t = pa.types
     for name, test in (
         ("number", lambda x: t.is_integer(x) or t.is_floating(x) or t.is_decimal(x)),
@@ -386,25 +394,31 @@ class TempLayout:
 
     @property
     def run_file(self) -> UPath:
+        """``run.json``: the fingerprint of the run that owns this intermediate directory."""
         return self.base / "run.json"
 
     # the directories are joined once per layout (a UPath join costs ~50 us, a task needs several)
     @cached_property
     def _mapping(self) -> UPath:
+        """Directory of the map tasks' done markers."""
         return self.base / "mapping"
 
     @cached_property
     def _reducing(self) -> UPath:
+        """Directory of the reduce tasks' done markers."""
         return self.base / "reducing"
 
     @cached_property
     def _shards(self) -> UPath:
+        """Directory of the map tasks' shard files."""
         return self.base / "shards"
 
     def map_marker(self, order: int, pixel: int) -> UPath:
+        """The done marker of the map task of source partition (order, pixel)."""
         return self._mapping / f"{order}_{pixel}.json"
 
     def reduce_marker(self, order: int, pixel: int) -> UPath:
+        """The done marker of the reduce task of margin pixel (order, pixel)."""
         return self._reducing / f"{order}_{pixel}.json"
 
     def shard(self, src_order: int, src_pixel: int) -> UPath:
@@ -412,6 +426,7 @@ class TempLayout:
         return self._shards / f"{src_order}_{src_pixel}.arrow"
 
     def make_dirs(self):
+        """Create the mapping, reducing and shards directories (and the base) if missing."""
         for sub in ("mapping", "reducing", "shards"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
 
@@ -449,6 +464,7 @@ def write_json(path: UPath, payload: dict):
 
 
 def read_json(path: UPath) -> dict | None:
+    """The JSON object in ``path``, or None if the file is missing or not valid JSON (a marker cut short)."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -476,6 +492,9 @@ class ShardWriters:
 
     def __init__(self, layout: TempLayout, src_order: int, src_pixel: int, schema: pa.Schema,
                  flush_bytes: int = SHARD_FLUSH_BYTES):
+        """Nothing is opened until the first flush; ``flush_bytes`` is the buffer size (bytes)
+        that triggers one.
+        """
         self.path = layout.shard(src_order, src_pixel)
         self.schema, self.flush_bytes = schema, flush_bytes
         self._sink = self._writer = None
@@ -501,6 +520,7 @@ class ShardWriters:
             self._write_pending()
 
     def _write_pending(self):
+        """Write the buffered rows, destination by destination, as record batches, noting their batch numbers."""
         if self._writer is None:
             location, fs = arrow_location(self.path)
             self._sink = pa.OSFile(location, "wb") if fs is None else fs.open(location, "wb")
@@ -561,6 +581,9 @@ class MarginFileWriter:
     """Streams sorted shards into one margin parquet file, in row groups of row_group_size."""
 
     def __init__(self, path: UPath, schema: pa.Schema, write_kwargs: dict):
+        """Open a parquet writer at ``path`` (creating its directory); ``write_kwargs`` go to
+        :class:`pyarrow.parquet.ParquetWriter`, except ``row_group_size`` (rows, default 100,000).
+        """
         kwargs = dict(write_kwargs)
         self.row_group_size = int(kwargs.pop("row_group_size", 100_000))
         self.path, self.schema = path, schema
@@ -575,6 +598,7 @@ class MarginFileWriter:
         self.rows = 0
 
     def write(self, table: pa.Table):
+        """Append ``table``'s rows, writing every full row group; ``rows`` counts all rows given."""
         self._pending.append(table)
         self._pending_rows += table.num_rows
         while self._pending_rows >= self.row_group_size:
@@ -585,6 +609,7 @@ class MarginFileWriter:
         self.rows += table.num_rows
 
     def close(self):
+        """Write the last, partial row group and close the file."""
         if self._pending_rows:
             self._writer.write_table(pa.concat_tables(self._pending), row_group_size=self.row_group_size)
         self._pending = []
@@ -615,6 +640,7 @@ def remove_file(path: UPath):
 
 
 def read_footer(path: UPath) -> pq.FileMetaData:
+    """The parquet footer (metadata) of the file at ``path``."""
     location, fs = arrow_location(path)
     return pq.read_metadata(location, filesystem=fs)
 
@@ -636,6 +662,7 @@ def write_metadata_files(catalog: UPath, schema: pa.Schema, footers: list[tuple[
 
 
 def iter_files_size(root: UPath) -> Iterator[int]:
+    """Size in bytes of each file under ``root``, at any depth."""
     for info in root.fs.find(root.path, detail=True).values():
         yield int(info.get("size") or 0)
 

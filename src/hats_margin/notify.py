@@ -19,8 +19,12 @@ logger = logging.getLogger(__name__)
 
 
 def send_completion_email(args, *, success: bool, body: str):
-    """Send the success/failure message, if an address is set. Never raises: any failure to
-    send (bad settings, server down, refused) is logged as a warning and the run goes on."""
+    """Email the run's outcome to ``completion_email_address`` (nothing if it is empty).
+
+    The server is ``smtp_host``/``smtp_port`` or the ``HATS_MARGIN_SMTP_*`` environment variables
+    (default localhost:25; STARTTLS and login optional). A failure to send is logged as a warning,
+    never raised (bad settings, server down, refused): the run's result never depends on the mail.
+    """
     address = args.completion_email_address
     if not address:
         return

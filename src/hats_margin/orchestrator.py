@@ -77,6 +77,7 @@ class MarginCacheResult:
     """rows checked (candidates, or every row with check_input) whose ra or dec is NaN/inf/null"""
 
     def summary(self) -> str:
+        """One line for the log: rows, pixel files, output path, mode, threshold, order and seconds per stage."""
         mode = "exact" if self.fine_filtering else "coarse"
         elapsed = sum(self.stage_seconds.values()) if self.elapsed_seconds is None else self.elapsed_seconds
         split = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in self.stage_seconds.items())
@@ -119,6 +120,7 @@ def pipeline_with_client(args: MarginCacheArguments, client: Client) -> MarginCa
 
 
 def _check_args(args):
+    """Raise :class:`ArgumentError` unless ``args`` is a :class:`MarginCacheArguments`."""
     if not isinstance(args, MarginCacheArguments):
         raise ArgumentError(f"args must be MarginCacheArguments, not {type(args).__name__}")
 
@@ -325,6 +327,7 @@ def _publish(plan):
 
 
 def _is_valid_properties(target: UPath) -> bool:
+    """Whether ``target`` holds a properties file hats can read."""
     from hats.catalog import TableProperties
 
     try:
@@ -381,12 +384,18 @@ def _complete_earlier_run(plan, clock) -> MarginCacheResult:
 
 
 def _done_keys(directory: UPath) -> set[str]:
+    """Keys (file names without ``.json``) of the done markers in ``directory``; empty if it does not exist."""
     if not directory.exists():
         return set()
     return {p.name[: -len(".json")] for p in directory.iterdir() if p.name.endswith(".json")}
 
 
 def _reduce_tasks(plan, map_results: dict[str, dict]) -> list:
+    """One :class:`ReduceTask` per margin pixel that received rows, from the map tasks' markers.
+
+    Each task's sources are sorted by spatial-index range, so its file comes out sorted; the
+    tasks are returned largest first.
+    """
     from hats_margin.io import margin_write_kwargs, output_file
     from hats_margin.stages import reducing
 

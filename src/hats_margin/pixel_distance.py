@@ -131,6 +131,7 @@ def _sincos_deg(a):
 
 
 def _unit_vectors(ra_deg, dec_deg):
+    """Unit vector components (x, y, z) of points given in degrees (exact at multiples of 90 deg)."""
     sr, cr = _sincos_deg(ra_deg)
     sd, cd = _sincos_deg(dec_deg)
     return cd * cr, cd * sr, sd
@@ -172,6 +173,7 @@ class _PixelGeometry:
     """
 
     def __init__(self, order: int, pixel: int):
+        """Face, (i, j) in the face and the zone of each edge of pixel ``pixel`` at ``order``."""
         self.order = order
         self.pixel = pixel
         n = 1 << order
@@ -369,6 +371,7 @@ def _interval_bounds(c0, a2, s0, half_m, s1, s2, e1, e2):
     sv = np.where(conv > 0, sv, s1)
 
     def q(x):
+        """Q(x) = kappa (x - s_r)^2 - half_m x^2, the quadratic part of the bound."""
         dx = x - sr
         return kappa * (dx * dx) - half_m * (x * x)
 
@@ -411,7 +414,12 @@ def _survive(bound_chord, cut, far):
 # Branch and bound over the boundary
 # --------------------------------------------------------------------------------------------
 class _Solver:
+    """Distances from points to one pixel's boundary: branch and bound over its four edges,
+    with certified lower/upper bounds; meridian edges are solved in closed form.
+    """
+
     def __init__(self, geom: _PixelGeometry):
+        """Precompute the coarse edge segments, their bounds, the pixel's centre and circumradius."""
         self.g = geom
         k = _COARSE_PER_EDGE
         self.c_edge = np.repeat(np.arange(4), k)
@@ -468,6 +476,9 @@ class _Solver:
 
     @staticmethod
     def _cut(ub, thr, decided_in):
+        """Pruning distance per point from its upper bound ``ub`` (minus the tolerance); with a
+        threshold, points whose ``ub`` is within it are marked decided-in and stop being refined.
+        """
         cut = ub - (_TOL_ABS + _TOL_REL * ub)
         if thr is not None:
             decided_in |= ub <= thr
@@ -635,6 +646,7 @@ class _Solver:
 # Public API
 # --------------------------------------------------------------------------------------------
 def _check_pixel(order, pixel):
+    """(order, pixel) as ints; TypeError for booleans, ValueError if out of range."""
     if isinstance(order, (bool, np.bool_)) or isinstance(pixel, (bool, np.bool_)):
         raise TypeError("order and pixel must be integers")
     order = int(order)
@@ -650,6 +662,7 @@ _GEOMETRY_CACHE: dict = {}
 
 
 def _solver_for(order: int, pixel: int) -> _Solver:
+    """The cached solver of a pixel (the cache is emptied beyond 256 pixels)."""
     key = (order, pixel)
     solver = _GEOMETRY_CACHE.get(key)
     if solver is None:
@@ -661,6 +674,7 @@ def _solver_for(order: int, pixel: int) -> _Solver:
 
 
 def _prepare_points(ra_deg, dec_deg):
+    """Flat float64 ra/dec broadcast together, a finite mask and the input shape; ValueError for |dec| > 90."""
     ra = np.asarray(ra_deg, dtype=np.float64)
     dec = np.asarray(dec_deg, dtype=np.float64)
     ra, dec = np.broadcast_arrays(ra, dec)
@@ -682,6 +696,7 @@ def _inside(ra, dec, order, pixel):
 
 
 def _chunk_size():
+    """Points per solver call, so one chunk's working arrays stay around ``_CHUNK_ENTRIES`` entries."""
     return max(1024, _CHUNK_ENTRIES // (4 * _COARSE_PER_EDGE))
 
 

@@ -162,6 +162,7 @@ def render_png(
 
 
 def _split(pixels: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Orders and pixels of (order, pixel) pairs as two int64 arrays."""
     array = np.asarray(pixels, dtype=np.int64).reshape(-1, 2)
     return array[:, 0], array[:, 1]
 

@@ -119,6 +119,7 @@ def batch_size(n_tasks: int, threads: int) -> int:
 
 
 def _total_threads(client: Client) -> int:
+    """Worker threads of the client's cluster (1 if the scheduler cannot say)."""
     try:
         return sum(client.nthreads().values())
     except Exception:  # noqa: BLE001 - a scheduler that cannot answer: assume one thread
@@ -137,6 +138,7 @@ def _run_batch(func: Callable, tasks: list) -> dict[str, tuple[bool, object]]:
 
 
 def _with_notes(exc: BaseException) -> str:
+    """The exception's message followed by its notes (which task, which file), ``; ``-separated."""
     notes = getattr(exc, "__notes__", None) or []
     return "; ".join([str(exc), *notes])
 
@@ -145,10 +147,12 @@ class StageClock:
     """Wall time per stage, for the result and the benchmarks."""
 
     def __init__(self):
+        """No stage timed yet."""
         self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, stage: str):
+        """Context manager adding the wall time (seconds) of its block to ``stage``."""
         start = time.perf_counter()
         try:
             yield
@@ -192,6 +196,7 @@ def local_client(n_workers: int, threads_per_worker: int, local_directory, clock
 
 
 def _quiet_dask_logs():
+    """Silence the ``distributed`` loggers (only errors above CRITICAL are shown)."""
     for name in list(logging.root.manager.loggerDict):
         if name == "distributed" or name.startswith("distributed."):
             logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -251,6 +256,7 @@ def _guarded_line(filename: str, lineno: int) -> bool:
 
 
 def _is_main_test(test: ast.expr) -> bool:
+    """Whether ``test`` is the expression ``__name__ == '__main__'`` (either way round)."""
     if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
         return False
     sides = [test.left, test.comparators[0]]

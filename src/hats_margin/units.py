@@ -55,6 +55,7 @@ def threshold_arcsec(value, name: str = "margin_threshold") -> float:
 
 
 def _quantity_arcsec(value, name: str) -> float:
+    """An astropy Quantity in arcsec; :class:`ArgumentError` if it is not an angle."""
     try:
         converted = value.to("arcsec")
         arcsec = float(getattr(converted, "value", converted))
@@ -64,6 +65,7 @@ def _quantity_arcsec(value, name: str) -> float:
 
 
 def _text_arcsec(text: str, name: str) -> float:
+    """A text angle like ``'10arcsec'`` or ``'0.5 deg'`` in arcsec; :class:`ArgumentError` if unreadable."""
     match = _NUMBER_AND_UNIT.match(text)
     unit = (match.group(2) or "").lower() if match else None
     if match is None or unit not in _UNITS:

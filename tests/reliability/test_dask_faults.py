@@ -18,7 +18,7 @@ from harness import NAME, Run, assert_same_margin, count
 from hats.io.validation import is_valid_catalog
 
 from hats_margin import StageFailedError, pipeline_with_client
-from hats_margin.synthetic import realistic_sky, write_hats_catalog
+from hats_margin.testing.synthetic import realistic_sky, write_hats_catalog
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,7 @@ def finish(plan, pixel_rows: dict[tuple[int, int], int]) -> dict:
 
 
 def _properties(plan, pixels, total_rows) -> TableProperties:
+    """The margin's ``hats.properties``: the primary's columns and index, the threshold, sky fraction and size of what was written."""
     args, catalog = plan.args, plan.catalog
     sky_fraction = round(sum(4.0 ** -p.order for p in pixels) / 12.0, 5)
     size_kb = int(sum(iter_files_size(plan.build_path / "dataset")) / 1024)
@@ -91,6 +92,11 @@ def _properties(plan, pixels, total_rows) -> TableProperties:
 
 
 def _write_properties_last(properties: TableProperties, target):
+    """Write ``hats.properties`` (by rename where local), then its ``properties`` copy.
+
+    Called last: a directory without ``hats.properties`` is not a valid catalog, so a run that
+    dies earlier leaves nothing that looks finished.
+    """
     tmp = target / ".hats.properties.tmp"
     properties.to_properties_file_path(tmp, initial_comments="HATS catalog")
     text = tmp.read_text()

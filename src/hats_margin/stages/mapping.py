@@ -121,6 +121,7 @@ class _RowGroup:
     spatial index (and ra/dec in exact mode) first, the other columns only if margin rows remain."""
 
     def __init__(self, task, parquet, path, group):
+        """Nothing decoded yet, except every column at once for a small row group."""
         self.task, self.parquet, self.path, self.group = task, parquet, path, group
         self.columns: dict[str, pa.ChunkedArray] = {}
         self.small = parquet.metadata.row_group(group).total_byte_size <= SMALL_ROW_GROUP_BYTES
@@ -135,6 +136,7 @@ class _RowGroup:
             self.columns.update(zip(table.column_names, table.columns))
 
     def numpy(self, name) -> np.ndarray:
+        """The named column as a numpy array (decoded now if not read yet)."""
         self.read([name])
         return self.columns[name].to_numpy()
 
@@ -224,6 +226,7 @@ def _check_coordinates(task, path, first_row, ra, dec, spatial_index, rows, posi
 
 
 def _check_rows_in_partition(task, path, spatial_index):
+    """Raise :class:`InputCatalogError` if any row's spatial index lies outside the task's source partition."""
     order, pixel = task.source
     owner = spatial_index >> (2 * (task.healpix_order - order))
     wrong = np.flatnonzero(owner != pixel)
@@ -236,6 +239,7 @@ def _check_rows_in_partition(task, path, spatial_index):
 
 
 def _exact_filter(task, dests, ra, dec, spatial_index, rows, dest_idx):
+    """Keep the candidate (row, destination) pairs whose row is within the threshold of its destination pixel."""
     keep = np.zeros(len(rows), dtype=bool)
     for lo, hi in _runs(dest_idx):
         dest = (int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))

@@ -56,11 +56,17 @@ class InputCatalog:
 
     @property
     def highest_order(self) -> int:
+        """The deepest HEALPix order among the catalog's partitions (0 if it has none)."""
         return max((o for o, _ in self.partitions), default=0)
 
 
 @dataclass
 class Plan:
+    """Everything a run decides before any worker starts: the checked input, the margin order
+    and threshold (arcsec), where intermediate files go, the resume fingerprint, and one
+    :class:`MapTask` per source partition.
+    """
+
     args: MarginCacheArguments
     catalog: InputCatalog
     margin_order: int
@@ -73,11 +79,18 @@ class Plan:
     when overwrite replaces old contents (set when the output is prepared)."""
 
     def __post_init__(self):
+        """Build in the artifact directory itself unless told otherwise."""
         if self.build_path is None:
             self.build_path = self.args.catalog_path
 
 
 def make_plan(args: MarginCacheArguments) -> Plan:
+    """Planning stage: check the input and output, resolve the margin order and make the map tasks.
+
+    Reads only the input's properties, schema and partition info (no rows). Raises
+    :class:`InputCatalogError` for an unusable input and :class:`ArgumentError` for an output or
+    order that cannot work with it.
+    """
     catalog = open_input(args.input_catalog_path)
     check_output_location(args, catalog.path)
     margin_order = resolve_margin_order(args, catalog)
@@ -165,6 +178,12 @@ def check_output_location(args: MarginCacheArguments, input_path: UPath):
 
 
 def resolve_margin_order(args: MarginCacheArguments, catalog: InputCatalog) -> int:
+    """The HEALPix order margin pixels are searched at.
+
+    A default order deeper than the catalog's spatial index is lowered to it; a given one raises
+    :class:`ArgumentError`. Coarse mode (``fine_filtering=False``) raises unless the order is
+    deeper than the catalog's highest partition order.
+    """
     order = int(args.margin_order)
     if order > catalog.healpix_order:
         if args.order_given:
@@ -187,6 +206,11 @@ def resolve_margin_order(args: MarginCacheArguments, catalog: InputCatalog) -> i
 
 
 def make_fingerprint(args: MarginCacheArguments, catalog: InputCatalog, margin_order: int) -> dict:
+    """The values that decide the margin's contents, as a JSON-able dict.
+
+    A resumed run must have the same fingerprint as the run that left the intermediate files;
+    large values (partition list, schema, kwargs) are stored as digests.
+    """
     return {
         "input_catalog_path": canonical_path(catalog.path),
         "input_partitions": digest(sorted(catalog.partitions)),
@@ -249,6 +273,7 @@ def warn_on_large_margin(plan: Plan) -> None:
 
 # ------------------------------------------------------------------------ map tasks
 def destinations(catalog: InputCatalog) -> geometry.Tiling:
+    """The tiling margin rows can be sent to: every partition plus the negative tree (sky with no partition)."""
     pixels = list(catalog.partitions) + list(catalog.negative)
     return geometry.Tiling.from_pixels([o for o, _ in pixels], [p for _, p in pixels])
 
@@ -288,6 +313,12 @@ def reachable_destinations(plan: Plan, tiling: geometry.Tiling) -> dict[tuple[in
 
 
 def make_map_tasks(plan: Plan) -> list[MapTask]:
+    """One :class:`MapTask` per source partition, with only the destinations it can reach.
+
+    In exact mode the search order is the partition order at least, and no finer than the
+    threshold's own order; coarse mode searches one ring at ``margin_order``. Sorted by partition
+    order, shallowest (largest) partitions first.
+    """
     catalog, args = plan.catalog, plan.args
     tiling = destinations(catalog)
     reach = reachable_destinations(plan, tiling)

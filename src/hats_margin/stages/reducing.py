@@ -30,6 +30,11 @@ from hats_margin.io import (
 
 @dataclass(frozen=True)
 class ReduceTask:
+    """Everything one reduce task needs: one margin pixel, the shards that hold its rows, and
+    its output file. ``expected_rows`` is what the map tasks reported sending; a different count
+    written is an error.
+    """
+
     key: str
     pixel: tuple[int, int]
     sources: tuple[tuple[int, int, tuple[int, ...]], ...]

@@ -19,14 +19,17 @@ class Keys:
     """Columns of row keys gathered for one batch: tile, spidx, hash and named extras."""
 
     def __init__(self, **extra_dtypes):
+        """Empty columns: tile, spidx and hash, plus ``extra_dtypes`` (name -> numpy dtype)."""
         self.dtypes = {"tile": np.int64, "spidx": np.int64, "hash": np.uint64, **extra_dtypes}
         self.parts: dict[str, list] = {key: [] for key in self.dtypes}
 
     def add(self, tile, spidx, hashes, **extra):
+        """Append one chunk of rows (every column the same length)."""
         for key, value in {"tile": tile, "spidx": spidx, "hash": hashes, **extra}.items():
             self.parts[key].append(np.asarray(value, dtype=self.dtypes[key]))
 
     def arrays(self) -> dict[str, np.ndarray]:
+        """Each column as one numpy array (empty arrays of the right dtype if nothing was added)."""
         return {
             key: np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtypes[key])
             for key, parts in self.parts.items()
@@ -37,6 +40,7 @@ class BatchCheck:
     """Checks one batch of destination tiles against the primary; fills a partial report."""
 
     def __init__(self, ctx):
+        """A checker for ``ctx`` (a ``checker.Context``) with an empty partial report."""
         self.ctx = ctx
         self.tiles, self.primary, self.margin = ctx.tiles, ctx.primary, ctx.margin
         self.shift_index = ctx.shift_index
@@ -62,6 +66,11 @@ class BatchCheck:
 
 
     def _read_margin_keys(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Keys (tile, spatial index, row hash, ra, dec, row number) of every margin row of the batch.
+
+        Files that cannot be read or cast to the primary schema are skipped (the structure check or
+        a structural line reports them).
+        """
         keys = Keys(ra=np.float64, dec=np.float64, row=np.int64)
         schema = self.primary.schema
         for tile in batch:
@@ -98,6 +107,10 @@ class BatchCheck:
     def _scan_source(
         self, source, in_batch, sorted_spidx, order, margin, primary_has, known_source, expected
     ):
+        """Read one primary partition and gather the rows the batch's margins should hold (into
+        ``expected``); flag margin rows that are exact copies of its rows (``primary_has``,
+        ``known_source``).
+        """
         s_order, s_pixel = int(self.tiles.orders[source]), int(self.tiles.pixels[source])
         table = self.primary.read_partition(s_order, s_pixel)
         n = table.num_rows
@@ -149,6 +162,7 @@ class BatchCheck:
 
 
     def _warn_once(self, message: str):
+        """Add ``message`` to the report's warnings unless it is there already."""
         if message not in self.report.warnings:
             self.report.warnings.append(message)
 

@@ -31,6 +31,7 @@ def as_upath(path) -> UPath:
 
 
 def read_parquet(path: UPath) -> pa.Table:
+    """The whole parquet file at ``path`` as a table."""
     location, fs = io.arrow_location(path)
     return pq.ParquetFile(location, filesystem=fs).read()
 
@@ -62,10 +63,12 @@ def read_schema(catalog: UPath) -> pa.Schema | None:
 
 
 def same_columns(schema: pa.Schema, reference: pa.Schema) -> bool:
+    """Whether both schemas have the same column names and types, in the same order."""
     return [(f.name, f.type) for f in schema] == [(f.name, f.type) for f in reference]
 
 
 def schema_diff(schema: pa.Schema, reference: pa.Schema) -> str:
+    """How ``schema`` differs from ``reference`` (missing, retyped, extra columns, order), ``; ``-separated."""
     ours = {f.name: f.type for f in schema}
     theirs = {f.name: f.type for f in reference}
     parts = []
@@ -101,6 +104,9 @@ class MarginCatalog:
     are seen); elsewhere they are the ones its partition info names."""
 
     def __init__(self, path: UPath):
+        """Read the margin's properties and find its files per pixel; raises
+        :class:`InputCatalogError` if it does not exist or has no properties.
+        """
         self.path = path
         if io.lists_partitions(path) and not path.exists():
             raise InputCatalogError(f"margin {path} does not exist")
@@ -115,6 +121,7 @@ class MarginCatalog:
             self._named_files()
 
     def _list_files(self):
+        """Files per pixel from a listing of dataset/; misplaced (``Dir=``) and stray files are noted."""
         dataset = self.path / "dataset"
         if not dataset.exists():
             return
@@ -134,6 +141,7 @@ class MarginCatalog:
             self.files.setdefault((order, pixel), []).append(dataset / relative)
 
     def _named_files(self):
+        """Files per pixel from the partition info, for stores that cannot list (HTTP)."""
         import hats  # driver only: importing hats costs workers ~3 s
 
         try:
@@ -146,6 +154,7 @@ class MarginCatalog:
             self.files[(pixel.order, pixel.pixel)] = io.leaf_files(leaf, suffix)
 
     def threshold_arcsec(self) -> float:
+        """The margin's ``hats_margin_threshold`` (arcsec); :class:`InputCatalogError` if absent."""
         value = self.properties.get("hats_margin_threshold")
         if value is None:
             raise InputCatalogError(f"{self.path} has no hats_margin_threshold property: pass threshold_arcsec")
@@ -156,6 +165,9 @@ class PrimaryCatalog:
     """The primary catalog as hats sees it: partitions, negative tree, schema, columns."""
 
     def __init__(self, path: UPath):
+        """Open the primary (a collection's primary catalog) with hats; raises :class:`InputCatalogError`
+        if hats cannot, it is not an object/source catalog, or its ra/dec/index columns are missing.
+        """
         import hats  # driver only: importing hats costs workers ~3 s
 
         try:
@@ -183,6 +195,7 @@ class PrimaryCatalog:
                 raise InputCatalogError(f"primary {path}: column {column!r} is not in its schema")
 
     def read_partition(self, order: int, pixel: int) -> pa.Table:
+        """Every row of one partition, cast to the catalog schema; :class:`InputCatalogError` if a file is missing or does not fit."""
         leaf = io.leaf_path(self.path, order, pixel, self.npix_suffix)
         tables = []
         for file in io.leaf_files(leaf, self.npix_suffix):

@@ -38,6 +38,7 @@ class Context:
     rtol: float
 
     def __post_init__(self):
+        """Derive the candidate-search cell order, the index shift to order 29 and the source tiles."""
         self.cell_order = cell_order_for(self.threshold)
         self.shift_index = 2 * (MAX_ORDER - self.primary.healpix_order)
         self.sources = [self.tiles.index[p] for p in self.primary.partitions]
@@ -45,6 +46,8 @@ class Context:
 
 @dataclass(frozen=True)
 class BatchTask:
+    """One Dask task of a verification: the destination tiles ``tiles`` to check, with the shared context."""
+
     key: str
     ctx: Context
     tiles: np.ndarray
@@ -159,6 +162,7 @@ def cut_batches(n_tiles: int, file_rows: dict[int, int], budget: int, threads: i
 
 
 def _threads(client) -> int:
+    """Worker threads of the client's cluster (1 without a client or if it cannot say)."""
     if client is None:
         return 1
     try:

@@ -25,11 +25,15 @@ class Recorder:
     """Compares the keys of one batch and records what differs in ``report``."""
 
     def __init__(self, ctx, report: VerifyReport):
+        """A recorder writing into ``report``, with the example limit and ``rtol`` of ``ctx``."""
         self.ctx, self.report = ctx, report
         self.tiles, self.primary, self.margin = ctx.tiles, ctx.primary, ctx.margin
         self.max_examples, self.rtol, self.shift_index = ctx.max_examples, ctx.rtol, ctx.shift_index
 
     def compare(self, expected: dict, margin: dict, primary_has: np.ndarray, known_source: np.ndarray):
+        """Match the expected keys against the margin's and record missing, extra, altered and
+        duplicated rows (with examples) and per-pixel counts.
+        """
         report = self.report
         n_exp, n_mar = len(expected["tile"]), len(margin["tile"])
         report.rows_expected += n_exp
@@ -70,6 +74,7 @@ class Recorder:
 
 
     def _absorb(self, missing_pos, expected, altered_pos, margin) -> np.ndarray:
+        """The missing rows left once those with an altered stand-in (same pixel and spatial index) are dropped."""
         if len(missing_pos) == 0 or len(altered_pos) == 0:
             return missing_pos
         keys = {(int(a), int(b)) for a, b in zip(margin["tile"][altered_pos], margin["spidx"][altered_pos])}
@@ -84,6 +89,7 @@ class Recorder:
 
 
     def _pixel_of(self, tile) -> str:
+        """A tile as ``'order/pixel'``."""
         return f"{int(self.tiles.orders[tile])}/{int(self.tiles.pixels[tile])}"
 
 
@@ -126,12 +132,14 @@ class Recorder:
 
 
     def _record_borderline(self, examples, count):
+        """Count borderline rows and keep examples up to the limit."""
         self.report.borderline += count
         room = self.max_examples - len(self.report.borderline_examples)
         self.report.borderline_examples += examples[: max(room, 0)]
 
 
     def _record_altered(self, pos, margin, known_source):
+        """Count margin rows equal to no primary row and keep examples (with their source partition if known)."""
         self.report.altered += len(pos)
         room = self.max_examples - len(self.report.altered_examples)
         for p in pos[: max(room, 0)]:
@@ -221,6 +229,7 @@ class Recorder:
 
 
     def _record_duplicates(self, pos, margin):
+        """Count surplus copies of rows in one pixel and keep examples."""
         self.report.duplicates += len(pos)
         room = self.max_examples - len(self.report.duplicate_examples)
         for p in pos[: max(room, 0)]:
@@ -234,6 +243,7 @@ class Recorder:
 
 
     def _per_pixel(self, expected, margin, missing_pos, altered_pos, extra_pos):
+        """Rows, expected, missing, altered and extra per pixel, for every pixel with any of them."""
         n = len(self.tiles)
         counts = {
             "rows": np.bincount(margin["tile"], minlength=n),

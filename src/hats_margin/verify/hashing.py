@@ -15,6 +15,7 @@ _NULL = np.uint64(0x9E3779B97F4A7C15)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser on uint64 values (wraps mod 2**64)."""
     x = x ^ (x >> np.uint64(30))
     x = x * _MIX1
     x = x ^ (x >> np.uint64(27))
@@ -23,6 +24,9 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 
 def column_hash(column) -> np.ndarray:
+    """A uint64 hash per value of an Arrow column (exact bits for fixed-width values, content for
+    strings, binary and nested values; nulls hash to one constant).
+    """
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if pa.types.is_dictionary(array.type):
         array = array.dictionary_decode()
@@ -84,6 +88,7 @@ def _bytes_hash(array: pa.Array) -> np.ndarray:
 
 
 def row_hashes(table: pa.Table) -> np.ndarray:
+    """A uint64 hash per row over every column, in column order."""
     result = np.zeros(table.num_rows, dtype=np.uint64)
     for i, column in enumerate(table.columns):
         result = _mix(result * np.uint64(31) + column_hash(column) + np.uint64(i + 1))

@@ -55,10 +55,12 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        """True when nothing is missing, altered, duplicated or structurally wrong (and, if exact, nothing extra)."""
         failed = self.missing or self.altered or self.duplicates or self.structural
         return not failed and not (self.exact and self.extra)
 
     def summary(self) -> str:
+        """The report as text: paths, counts, OK/FAILED, extra-distance histogram, problems and examples."""
         mode = "exact (extras fail)" if self.exact else "coarse (extras allowed)"
         lines = [
             f"margin   {self.margin_path}",
@@ -94,6 +96,7 @@ class VerifyReport:
 
 
 def _format_example(example: dict) -> str:
+    """An example as ``key=value`` pairs, floats to 10 significant digits."""
     parts = []
     for key, value in example.items():
         if isinstance(value, float):

@@ -34,16 +34,21 @@ ARCSEC_PER_RAD = 180.0 * 3600.0 / math.pi
 
 
 def distance_arcsec(ra_deg: np.ndarray, dec_deg: np.ndarray, order: int, pixel: int) -> np.ndarray:
+    """Distance (arcsec) of each point (degrees) to pixel (order, pixel); 0 inside it, NaN for non-finite points."""
     return np.asarray(distance_to_pixel_arcsec(ra_deg, dec_deg, int(order), int(pixel)), dtype=np.float64)
 
 
 def within(ra_deg: np.ndarray, dec_deg: np.ndarray, order: int, pixel: int, threshold_arcsec: float) -> np.ndarray:
+    """Whether each point (degrees) is within ``threshold_arcsec`` of pixel (order, pixel)."""
     return np.asarray(
         within_threshold_of_pixel(ra_deg, dec_deg, int(order), int(pixel), threshold_arcsec), dtype=bool
     )
 
 
 def sources_reaching(ctx, in_batch: np.ndarray) -> list[int]:
+    """The source tiles (primary partitions) that can reach a tile of the batch: those whose cell
+    at the search order (or their own order, if coarser) has a 2-ring touching one; every source
+    when the batch is every tile or the threshold is wider than order-0 cells."""
     if in_batch.all():
         return ctx.sources
     tiles, reach = ctx.tiles, []

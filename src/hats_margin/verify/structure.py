@@ -117,6 +117,7 @@ def check_structure(
 
 
 def _check_partition_info(margin: MarginCatalog, report: VerifyReport):
+    """partition_info.csv lists each pixel with a file, once, and nothing else."""
     path = margin.path / "partition_info.csv"
     try:
         text = path.read_text()
@@ -142,6 +143,7 @@ def _check_partition_info(margin: MarginCatalog, report: VerifyReport):
 
 
 def _check_metadata_file(margin: MarginCatalog, footers: dict[str, int], report: VerifyReport):
+    """If dataset/_metadata exists, its row groups name the data files with their row counts."""
     pointer = margin.path / "dataset" / "_metadata"
     location, fs = io.arrow_location(pointer)
     try:

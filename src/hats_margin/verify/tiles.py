@@ -54,6 +54,7 @@ class Tiles:
     """Partitions + negative tree as disjoint order-29 ranges, sorted."""
 
     def __init__(self, pixels: list[tuple[int, int]]):
+        """Sort the (order, pixel) pairs by range start; ``index`` maps each pair to its tile number."""
         orders = np.array([o for o, _ in pixels], dtype=np.int64)
         nums = np.array([p for _, p in pixels], dtype=np.int64)
         starts = nums << (2 * (MAX_ORDER - orders))
@@ -65,12 +66,15 @@ class Tiles:
         self._radii = None
 
     def __len__(self):
+        """Number of tiles."""
         return len(self.orders)
 
     def pixel(self, tile) -> tuple[int, int]:
+        """(order, pixel) of tile number ``tile``."""
         return int(self.orders[tile]), int(self.pixels[tile])
 
     def check_cover(self) -> str | None:
+        """None if the tiles cover the sphere exactly, without gap or overlap; else the problem."""
         full = 12 << (2 * MAX_ORDER)
         if (
             len(self) == 0
@@ -82,6 +86,7 @@ class Tiles:
         return None
 
     def containing(self, position29: np.ndarray) -> np.ndarray:
+        """Tile number holding each order-29 index."""
         return np.searchsorted(self.starts, position29, side="right") - 1
 
     def overlapping(self, order: int, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,6 +122,7 @@ def ranks(counts: np.ndarray) -> np.ndarray:
 
 
 def unit(lon_rad, lat_rad) -> np.ndarray:
+    """Unit vectors (..., 3) of the given longitudes and latitudes in radians."""
     cos_lat = np.cos(lat_rad)
     return np.stack([cos_lat * np.cos(lon_rad), cos_lat * np.sin(lon_rad), np.sin(lat_rad)], axis=-1)
 

@@ -252,6 +252,7 @@ def write_hats_catalog(
     kwargs.pop("row_group_size", None)
 
     def write_one(i: int) -> pq.FileMetaData:
+        """Write partition ``i`` (its rows in sort order) and return its parquet footer."""
         relative = _relative_file(int(orders[i]), int(pixels[i]), npix_suffix)
         target = dataset_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -320,11 +321,13 @@ def points_table(ra_deg, dec_deg, **extra_columns) -> pa.Table:
 
 
 def _unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
+    """Unit vectors (n, 3) of ra/dec in degrees."""
     ra, dec = np.radians(ra_deg), np.radians(dec_deg)
     return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
 
 
 def _to_radec(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ra in [0, 360) and dec in degrees of vectors (normalised first)."""
     vectors = vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
     ra = np.degrees(np.arctan2(vectors[:, 1], vectors[:, 0])) % 360.0
     dec = np.degrees(np.arcsin(np.clip(vectors[:, 2], -1.0, 1.0)))
@@ -332,6 +335,7 @@ def _to_radec(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _uniform_sphere(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` points uniform on the sphere (ra, dec in degrees)."""
     ra = rng.uniform(0.0, 360.0, n)
     dec = np.degrees(np.arcsin(rng.uniform(-1.0, 1.0, n)))
     return ra, dec
