@@ -62,6 +62,7 @@ def _farther_than_cell(ra, dec, cells, order) -> np.ndarray:
 
 
 def _angular_distance_arcsec(ra1, dec1, ra2, dec2) -> np.ndarray:
+    """Great-circle distance in arcsec between points given in degrees (atan2 form: exact near 0 and 180 deg)."""
     ra1, dec1, ra2, dec2 = (np.radians(x) for x in (ra1, dec1, ra2, dec2))
     sin_dra, cos_dra = np.sin(ra2 - ra1), np.cos(ra2 - ra1)
     num = np.hypot(np.cos(dec2) * sin_dra, np.cos(dec1) * np.sin(dec2) - np.sin(dec1) * np.cos(dec2) * cos_dra)

@@ -217,6 +217,7 @@ def file_identity(info: dict) -> str:
 
 
 def _leaf_identity(files: list[tuple[str, str]]) -> str:
+    """One identity for a partition: its file's, or the sorted ``name=identity`` list of a directory leaf's files."""
     if len(files) == 1 and not files[0][0]:
         return files[0][1]
     return ";".join(f"{name}={identity}" for name, identity in sorted(files))

@@ -47,6 +47,7 @@ def fingerprint_digest(fingerprint: dict | None) -> str | None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one owned by another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -60,6 +61,7 @@ class OutputLock:
     """Exclusive ownership of one output artifact directory for the duration of a run."""
 
     def __init__(self, catalog_path: UPath, fingerprint: dict | None = None):
+        """A lock (not yet taken) on ``catalog_path``, naming this host, process and fingerprint."""
         self.path = catalog_path / LOCK_NAME
         self.owner = {
             "host": socket.gethostname(),
@@ -110,6 +112,8 @@ class OutputLock:
 
     # ------------------------------------------------------------------ local: flock
     def _acquire_local(self):
+        """flock the lock file, checking that the file locked is still the one at the path; a dead
+        run's record is kept as ``taken_over``."""
         import fcntl
 
         local = self.path.path
@@ -155,6 +159,7 @@ class OutputLock:
         self._write_record(fd)
 
     def _write_record(self, fd: int):
+        """Rewrite the owner record in place in the open lock file."""
         # one write at offset 0, padded with spaces over any longer old record: a run killed at
         # any moment leaves either the old record or the new one, never a mix (JSON ignores spaces)
         data = json.dumps(self.owner).encode()
@@ -178,6 +183,8 @@ class OutputLock:
 
     # ------------------------------------------------------------------ object stores
     def _acquire_remote(self):
+        """Conditional create on the store (If-None-Match); a dead run's lock on this host is replaced
+        only if unchanged since read (If-Match on its ETag)."""
         fs, key = self.path.fs, self.path.path
         text = json.dumps(self.owner).encode()
         try:
@@ -217,6 +224,7 @@ class OutputLock:
 
     # ------------------------------------------------------------------ messages
     def _locked_error(self, holder: dict | None) -> OutputLockedError:
+        """The refusal naming the run that holds the lock."""
         holder = holder or {}
         host, pid = holder.get("host"), holder.get("pid")
         if host == self.owner["host"] and pid == self.owner["pid"]:

@@ -50,6 +50,7 @@ def send_completion_email(args, *, success: bool, body: str):
 
 
 def _port_from_environment() -> int:
+    """``HATS_MARGIN_SMTP_PORT`` as a port number (default 25); ValueError naming the variable otherwise."""
     text = os.environ.get("HATS_MARGIN_SMTP_PORT", "25")
     try:
         port = int(text)
