@@ -86,6 +86,31 @@ class MarginCacheResult:
 
 
 @dataclass
+class ManyMarginsResult:
+    """What a run building several margins from one read wrote: one result per margin, in the
+    order of the thresholds given."""
+
+    margins: list[MarginCacheResult]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    elapsed_seconds: float | None = None
+
+    @property
+    def total_rows(self) -> int:
+        return sum(m.total_rows for m in self.margins)
+
+    def summary(self) -> str:
+        elapsed = sum(self.stage_seconds.values()) if self.elapsed_seconds is None else self.elapsed_seconds
+        split = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in self.stage_seconds.items())
+        lines = [f"{len(self.margins)} margins from one read of the catalog, {elapsed:.1f} s: {split}"]
+        for m in self.margins:
+            lines.append(
+                f"  {m.catalog_path}: {m.total_rows} rows in {len(m.pixels)} pixel file(s) "
+                f"(threshold {m.margin_threshold:g} arcsec, margin order {m.margin_order})"
+            )
+        return "\n".join(lines)
+
+
+@dataclass
 class _Prepared:
     """A planned run that holds the output lock: everything checked, no worker needed yet."""
 
@@ -94,8 +119,9 @@ class _Prepared:
     resumed: bool | str
 
 
-def pipeline(args: MarginCacheArguments) -> MarginCacheResult:
-    """Build the margin on a local Dask cluster made from the ``dask_*`` arguments.
+def pipeline(args: MarginCacheArguments) -> MarginCacheResult | ManyMarginsResult:
+    """Build the margin on a local Dask cluster made from the ``dask_*`` arguments (several
+    thresholds: every margin from one read, returning a ManyMarginsResult).
 
     Every check that needs no worker (arguments, input catalog, output location and ownership,
     resume fingerprint) runs before the cluster starts. One worker (the default) runs as threads
@@ -107,7 +133,7 @@ def pipeline(args: MarginCacheArguments) -> MarginCacheResult:
     return _pipeline(args, None)
 
 
-def pipeline_with_client(args: MarginCacheArguments, client: Client) -> MarginCacheResult:
+def pipeline_with_client(args: MarginCacheArguments, client: Client) -> MarginCacheResult | ManyMarginsResult:
     """Build the margin with the caller's Dask client (local, remote scheduler, SLURM...)."""
     _check_args(args)
     return _pipeline(args, client)
@@ -121,6 +147,10 @@ def _check_args(args):
 def _pipeline(args: MarginCacheArguments, client: Client | None) -> MarginCacheResult:
     """Plan (no worker), then run the stages on ``client`` or on a local cluster started for them;
     email the outcome. The elapsed time covers the whole call."""
+    if args.margins:
+        from hats_margin import many
+
+        return many.pipeline_many(args, client)
     start = time.perf_counter()
     clock = runner.StageClock()
     try:
@@ -361,17 +391,20 @@ def _done_keys(directory: UPath) -> set[str]:
 
 
 def _reduce_tasks(plan, map_results: dict[str, dict]) -> list:
+    """One reduce task per margin pixel receiving rows (several margins: only this plan's, read
+    from the shared shards)."""
     from hats_margin.io import margin_write_kwargs, output_file
     from hats_margin.stages import reducing
 
     args, catalog = plan.args, plan.catalog
+    prefix = "" if plan.margin_index is None else f"{plan.margin_index}:"
     sources: dict[tuple[int, int], list[tuple[int, int, tuple[int, ...], int]]] = {}
     for payload in map_results.values():
         source = tuple(payload["source"])
         batches = payload.get("batches", {})
         for key, n in payload["rows"].items():
-            if n:
-                dest = tuple(int(x) for x in key.split("_"))
+            if n and key.startswith(prefix) and (prefix or ":" not in key):
+                dest = tuple(int(x) for x in key[len(prefix):].split("_"))
                 sources.setdefault(dest, []).append((*source, tuple(batches[key]), n))
     write_kwargs = margin_write_kwargs(catalog.schema, catalog.healpix_column, args.write_table_kwargs)
     tasks = []
@@ -379,7 +412,7 @@ def _reduce_tasks(plan, map_results: dict[str, dict]) -> list:
         items.sort(key=lambda s: s[1] << (2 * (29 - s[0])))
         tasks.append(
             reducing.ReduceTask(
-                key=f"{dest[0]}_{dest[1]}",
+                key=f"{prefix}{dest[0]}_{dest[1]}",
                 pixel=dest,
                 sources=tuple((o, p, b) for o, p, b, _ in items),
                 expected_rows=sum(n for *_, n in items),
@@ -388,6 +421,7 @@ def _reduce_tasks(plan, map_results: dict[str, dict]) -> list:
                 healpix_column=catalog.healpix_column,
                 write_kwargs=write_kwargs,
                 layout=plan.layout,
+                shard_layout=plan.shard_layout,
             )
         )
     tasks.sort(key=lambda t: -t.expected_rows)

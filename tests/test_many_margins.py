@@ -1,0 +1,182 @@
+"""Several margins from one read (issue 12, section 2): each is the catalog a single-threshold build
+writes, row for row and in its properties; every partition is read once; resume, fingerprint and
+collections work per run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from hats.catalog import TableProperties
+
+from hats_margin import MarginCacheArguments, cli, pipeline_with_client
+from hats_margin.errors import ArgumentError, ResumeMismatchError
+from hats_margin.stages import mapping
+from hats_margin.verify import verify_margin
+from helpers import pixel_files
+
+SOURCE = "small_sky_source_catalog"
+THRESHOLDS = [10, 600, 1800]  # arcsec: rows in every margin of the 17k-row sample
+NAMES = ["m10", "m600", "m1800"]
+# properties that name the run, not the margin's content
+_RUN_KEYS = {"hats_creation_date", "hats_builder"}
+
+
+def _args(input_path, output, threshold, name, **kw) -> MarginCacheArguments:
+    return MarginCacheArguments(
+        input_catalog_path=input_path, output_path=output, output_artifact_name=name,
+        margin_threshold=threshold, progress_bar=False, **kw,
+    )
+
+
+def _properties(catalog: Path) -> dict:
+    values = TableProperties.read_from_dir(catalog).explicit_dict()
+    return {k: v for k, v in values.items() if k not in _RUN_KEYS}
+
+
+def _files(catalog: Path) -> dict[tuple[int, int], list]:
+    """Rows of every pixel file, in file order (row for row, not as sets)."""
+    return {pixel: pq.read_table(files[0]).to_pylist() for pixel, files in pixel_files(catalog).items()}
+
+
+@pytest.fixture(scope="module")
+def singles(client, catalogs, tmp_path_factory) -> Path:
+    """One single-threshold build per threshold, the reference."""
+    out = tmp_path_factory.mktemp("singles")
+    for threshold, name in zip(THRESHOLDS, NAMES):
+        pipeline_with_client(_args(catalogs / SOURCE, out, threshold, name), client)
+    return out
+
+
+def test_three_margins_equal_three_single_builds_row_for_row_and_pass_verify(
+    client, catalogs, singles, tmp_path, monkeypatch
+):
+    reads = []
+    real = mapping.open_parquet
+    monkeypatch.setattr(mapping, "open_parquet", lambda path: reads.append(str(path)) or real(path))
+    args = _args(catalogs / SOURCE, tmp_path, THRESHOLDS, NAMES)
+    result = pipeline_with_client(args, client)
+    assert [m.catalog_path.name for m in result.margins] == NAMES
+    # every partition file read once, whatever the number of thresholds
+    leaves = {str(f) for files in pixel_files(catalogs / SOURCE).values() for f in files}
+    assert sorted(reads) == sorted(leaves)
+    for name in NAMES:
+        built, single = tmp_path / name, singles / name
+        rows = _files(built)
+        assert rows == _files(single), name
+        assert sum(len(r) for r in rows.values()) > 0
+        assert _properties(built) == _properties(single), name
+        assert (built / "partition_info.csv").read_text() == (single / "partition_info.csv").read_text()
+        report = verify_margin(built, catalogs / SOURCE)
+        assert report.ok, report
+        assert not (built / "intermediate").exists()
+        assert sorted(p.name for p in built.iterdir()) == sorted(p.name for p in single.iterdir())
+    counts = [m.total_rows for m in result.margins]
+    assert counts == sorted(counts) and len(set(counts)) == 3  # nested, and different
+
+
+def test_default_names_from_a_base_name_and_the_command_line(capsys, client, catalogs, singles, tmp_path):
+    args = _args(catalogs / SOURCE, tmp_path, ["10arcsec", "10arcmin"], "sky")
+    assert [m.output_artifact_name for m in args.margins] == ["sky_10arcs", "sky_10arcmin"]
+    code = cli.main(
+        ["build", str(catalogs / SOURCE), str(tmp_path), "--threshold", "10", "--threshold", "600",
+         "--threshold", "30arcmin", "--no-progress"]
+    )
+    assert code == 0
+    names = ["small_sky_source_catalog_10arcs", "small_sky_source_catalog_10arcmin",
+             "small_sky_source_catalog_30arcmin"]
+    for name, single in zip(names, NAMES):
+        assert _files(tmp_path / name) == _files(singles / single)
+    out = capsys.readouterr().out
+    assert all(name in out for name in names)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"margin_threshold": [5, 5.0]}, "more than once"),
+        ({"margin_threshold": [5, 10], "output_artifact_name": ["a"]}, "1 names for 2"),
+        ({"margin_threshold": [5, 10], "output_artifact_name": ["a", "a"]}, "same name"),
+        ({"margin_threshold": [5, 10], "fine_filtering": False}, "fine_filtering=False"),
+        ({"margin_threshold": []}, "empty list"),
+        ({"margin_threshold": [5, "10 parsecs"]}, "10 parsecs"),
+    ],
+)
+def test_bad_lists_of_thresholds_are_refused_naming_the_value(kwargs, words):
+    values = {"input_catalog_path": "in", "output_path": "out", "output_artifact_name": "m", **kwargs}
+    with pytest.raises(ArgumentError, match=words):
+        MarginCacheArguments(**values)
+
+
+def test_a_list_of_one_threshold_is_the_single_build():
+    args = MarginCacheArguments(input_catalog_path="in", output_path="out", output_artifact_name=["m"],
+                                margin_threshold=["10arcsec"])
+    assert (args.margins, args.margin_threshold, args.output_artifact_name) == ((), 10.0, "m")
+
+
+def test_a_killed_run_resumes_and_a_changed_set_is_refused(client, catalogs, singles, tmp_path, monkeypatch):
+    real = mapping.map_partition
+
+    def dies_on_the_fifth(task):
+        if task.key == "2_180":
+            raise RuntimeError("killed")
+        return real(task)
+
+    monkeypatch.setattr(mapping, "map_partition", dies_on_the_fifth)
+    args = _args(catalogs / SOURCE, tmp_path, THRESHOLDS, NAMES)
+    with pytest.raises(Exception, match="killed"):
+        pipeline_with_client(args, client)
+    for name in NAMES:
+        assert not (tmp_path / name / "hats.properties").exists()
+    changed = _args(catalogs / SOURCE, tmp_path, THRESHOLDS[:2] + [1200], NAMES)
+    with pytest.raises(ResumeMismatchError, match="run_margins"):
+        pipeline_with_client(changed, client)
+    monkeypatch.setattr(mapping, "map_partition", real)
+    result = pipeline_with_client(args, client)
+    assert result.margins[0].skipped_tasks["mapping"] == 13  # every task but the killed one
+    for name in NAMES:
+        assert _files(tmp_path / name) == _files(singles / name)
+        assert not (tmp_path / name / "intermediate").exists()
+
+
+def test_a_run_killed_while_finishing_completes_every_margin(client, catalogs, singles, tmp_path, monkeypatch):
+    from hats_margin.stages import finishing
+
+    real = finishing.clean_up
+    monkeypatch.setattr(finishing, "clean_up", lambda plan: (_ for _ in ()).throw(RuntimeError("killed")))
+    args = _args(catalogs / SOURCE, tmp_path, THRESHOLDS, NAMES)
+    with pytest.raises(Exception, match="killed"):
+        pipeline_with_client(args, client)
+    monkeypatch.setattr(finishing, "clean_up", real)
+    result = pipeline_with_client(args, client)
+    assert [m.total_rows for m in result.margins] == [
+        int(TableProperties.read_from_dir(singles / n).total_rows) for n in NAMES
+    ]
+    for name in NAMES:
+        assert _files(tmp_path / name) == _files(singles / name)
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == sorted(
+            p.name for p in (singles / name).iterdir()
+        )
+
+
+def test_overwrite_replaces_each_margin(client, catalogs, singles, tmp_path):
+    for name in NAMES:
+        shutil.copytree(singles / "m10", tmp_path / name)  # a valid catalog everywhere
+    args = _args(catalogs / SOURCE, tmp_path, THRESHOLDS, NAMES)
+    with pytest.raises(Exception, match="overwrite"):
+        pipeline_with_client(args, client)
+    pipeline_with_client(_args(catalogs / SOURCE, tmp_path, THRESHOLDS, NAMES, overwrite=True), client)
+    for name in NAMES:
+        assert _files(tmp_path / name) == _files(singles / name)
+
+
+def test_every_margin_is_registered_in_the_collection(client, copy_catalog):
+    from hats.catalog.dataset.collection_properties import CollectionProperties
+
+    collection = copy_catalog("small_sky_order1_collection")
+    args = _args(collection, collection, [60, 600], ["c60", "c600"])
+    pipeline_with_client(args, client)
+    props = CollectionProperties.read_from_dir(collection)
+    assert {"c60", "c600"} <= set(props.all_margins)
