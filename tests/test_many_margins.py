@@ -5,11 +5,14 @@ collections work per run."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from hats.catalog import TableProperties
+from upath import UPath
 
 from hats_margin import MarginCacheArguments, cli, pipeline_with_client
 from hats_margin.errors import ArgumentError, ResumeMismatchError
@@ -180,3 +183,33 @@ def test_every_margin_is_registered_in_the_collection(client, copy_catalog):
     pipeline_with_client(args, client)
     props = CollectionProperties.read_from_dir(collection)
     assert {"c60", "c600"} <= set(props.all_margins)
+
+
+@pytest.fixture(scope="module")
+def served(catalogs, tmp_path_factory):
+    """The sample catalog behind a real HTTP server process (range requests, no listing)."""
+    root = tmp_path_factory.mktemp("www")
+    shutil.copytree(catalogs / SOURCE, root / SOURCE)
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("http_server.py")), str(root)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("PORT "), line
+        yield f"http://127.0.0.1:{int(line.split()[1])}/{SOURCE}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_three_margins_of_a_catalog_served_over_http_equal_the_single_builds(client, catalogs, singles, served, tmp_path):
+    code = cli.main(
+        ["build", served, str(tmp_path), "--no-progress", *sum((["--threshold", str(t)] for t in THRESHOLDS), []),
+         *sum((["--name", n] for n in NAMES), [])]
+    )
+    assert code == 0
+    for name in NAMES:
+        assert _files(tmp_path / name) == _files(singles / name)
+        assert _properties(tmp_path / name) == {**_properties(singles / name), "primary_catalog": served}
+        report = verify_margin(tmp_path / name, UPath(served), client=client)
+        assert report.ok, report

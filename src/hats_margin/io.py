@@ -58,7 +58,8 @@ def canonical_path(path, resolve_links: bool = True) -> str:
         return str(local.resolve() if resolve_links else Path(os.path.abspath(local)))
     protocol = path.protocol[0] if isinstance(path.protocol, (tuple, list)) else path.protocol
     protocol = _PROTOCOL_ALIASES.get(protocol, protocol)
-    normalised = posixpath.normpath("/" + path.path.strip("/")).lstrip("/")
+    inner = path.path.split("://", 1)[1] if "://" in path.path else path.path  # HTTP paths keep their scheme
+    normalised = posixpath.normpath("/" + inner.strip("/")).lstrip("/")
     return f"{protocol}://{normalised}"
 
 
