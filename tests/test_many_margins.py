@@ -203,10 +203,8 @@ def served(catalogs, tmp_path_factory):
 
 
 def test_three_margins_of_a_catalog_served_over_http_equal_the_single_builds(client, catalogs, singles, served, tmp_path):
-    code = cli.main(
-        ["build", served, str(tmp_path), "--no-progress", *sum((["--threshold", str(t)] for t in THRESHOLDS), []),
-         *sum((["--name", n] for n in NAMES), [])]
-    )
+    flags = [word for t, n in zip(THRESHOLDS, NAMES) for word in ("--threshold", str(t), "--name", n)]
+    code = cli.main(["build", served, str(tmp_path), "--no-progress", *flags])
     assert code == 0
     for name in NAMES:
         assert _files(tmp_path / name) == _files(singles / name)

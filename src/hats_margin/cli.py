@@ -191,10 +191,14 @@ def _build(opts) -> int:
 
 def _primary_name(input_path) -> str:
     """The primary's catalog name (for a collection, its primary's), else the directory name.
-    A missing input is reported here, before anything heavy loads."""
+    A missing input is reported here, before anything heavy loads (on stores that can list:
+    an HTTP server cannot say a directory exists; planning reports a missing catalog there)."""
+    from hats_margin.io import as_upath, lists_partitions
     from hats_margin.prechecks import check_input_directory, plain_properties
 
-    path = check_input_directory(input_path)
+    path = as_upath(input_path)
+    if lists_partitions(path):
+        path = check_input_directory(path)
     if (path / "collection.properties").exists():
         from hats_margin import collection
 
