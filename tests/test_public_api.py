@@ -30,7 +30,7 @@ def test_all_is_the_public_surface():
     # each name is the object defined in its home module (not a module, a stand-in or another name)
     homes = {
         "hats_margin.errors": ["ArgumentError", "HatsMarginError", "InputCatalogError", "OutputExistsError",
-                               "OutputLockedError", "ResumeMismatchError", "StageFailedError"],
+                               "OutputLockedError", "ResumeMismatchError", "ScriptGuardError", "StageFailedError"],
         "hats_margin.arguments": ["MarginCacheArguments"],
         "hats_margin.orchestrator": ["ManyMarginsResult", "MarginCacheResult", "pipeline", "pipeline_with_client"],
         "hats_margin.verify": ["verify_margin"],
