@@ -170,9 +170,7 @@ def _map_row_group(task, dests, parquet, path, group, writers):
             return
     table = row_group.table()
     if not task.margin_thresholds:
-        for lo, hi in _runs(dest_idx):
-            dest = (int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
-            writers.write(dest, table.take(pa.array(rows[lo:hi])))
+        _send(writers, table, dests, rows, dest_idx, ())
         return
     # several margins: each smaller threshold keeps a subset of the larger one's rows (nested
     # filtering, same exact test), in the same order
@@ -181,9 +179,16 @@ def _map_row_group(task, dests, parquet, path, group, writers):
             rows, dest_idx = _exact_filter(task, dests, row_group, spatial_index, rows, dest_idx, threshold)
             if len(rows) == 0:
                 return
-        for lo, hi in _runs(dest_idx):
-            dest = (margin, int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
-            writers.write(dest, table.take(pa.array(rows[lo:hi])))
+        _send(writers, table, dests, rows, dest_idx, (margin,))
+
+
+def _send(writers, table, dests, rows, dest_idx, prefix):
+    """Write ``table``'s ``rows`` to their destinations (sorted by destination): one take, then
+    a zero-copy slice per destination."""
+    selected = table.take(pa.array(rows))
+    for lo, hi in _runs(dest_idx):
+        dest = (*prefix, int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
+        writers.write(dest, selected.slice(lo, hi - lo))
 
 
 def _check_rows_in_partition(task, path, spatial_index):
