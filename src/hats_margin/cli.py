@@ -32,8 +32,7 @@ examples:
   hats-margin build gaia/ margins/ --threshold 1arcmin --workers 8  # -> margins/gaia_1arcmin
   hats-margin build gaia/ margins/ --threshold 500mas             # -> margins/gaia_500mas (also 10\", 1.5', 1deg)
   hats-margin build gaia/ margins/ --threshold 10 --coarse        # -> margins/gaia_10arcs_coarse
-  hats-margin build gaia/ margins/ --threshold 5 --threshold 10 --threshold 1arcmin
-                                    # -> gaia_5arcs, gaia_10arcs, gaia_1arcmin from one read
+  hats-margin build gaia/ margins/ --threshold 5 --threshold 1arcmin  # -> gaia_5arcs, gaia_1arcmin, one read
   hats-margin build gaia/ margins/ --threshold 10arcsec --dry-run # show the plan and row estimate, write nothing
   hats-margin build gaia/ margins/ --scheduler tcp://10.0.0.5:8786
   hats-margin build my_collection/ my_collection/ --threshold 10  # margin of the primary, registered
