@@ -211,3 +211,17 @@ def test_three_margins_of_a_catalog_served_over_http_equal_the_single_builds(cli
         assert _properties(tmp_path / name) == {**_properties(singles / name), "primary_catalog": served}
         report = verify_margin(tmp_path / name, UPath(served), client=client)
         assert report.ok, report
+
+
+def test_command_line_dry_run_and_coarse_refusal(capsys, catalogs, tmp_path):
+    argv = ["build", str(catalogs / SOURCE), str(tmp_path), "--threshold", "10", "--threshold", "600"]
+    assert cli.main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "threshold 10 arcsec" in out and "threshold 600 arcsec" in out
+    assert not any(tmp_path.iterdir())  # wrote nothing
+    assert cli.main([*argv, "--coarse"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hats-margin: error: several --threshold values need exact margins: --coarse")
+    assert len(err.strip().splitlines()) == 1
+    assert cli.main([*argv, "--name", "a", "--name", "b", "--name", "c"]) == 2
+    assert "--name given 3 times for 2 --threshold values" in capsys.readouterr().err
