@@ -225,3 +225,25 @@ def test_command_line_dry_run_and_coarse_refusal(capsys, catalogs, tmp_path):
     assert len(err.strip().splitlines()) == 1
     assert cli.main([*argv, "--name", "a", "--name", "b", "--name", "c"]) == 2
     assert "--name given 3 times for 2 --threshold values" in capsys.readouterr().err
+
+
+def test_a_run_killed_while_reducing_resumes_only_the_missing_pixels(client, catalogs, singles, tmp_path, monkeypatch):
+    from hats_margin.stages import reducing
+
+    real = reducing.reduce_pixel
+
+    def largest_margin_fails(task):
+        if task.key.startswith("0:"):  # margin 0: the largest threshold
+            raise RuntimeError("killed")
+        return real(task)
+
+    monkeypatch.setattr(reducing, "reduce_pixel", largest_margin_fails)
+    args = _args(catalogs / SOURCE, tmp_path, THRESHOLDS, NAMES)
+    with pytest.raises(Exception, match="reducing"):
+        pipeline_with_client(args, client)
+    monkeypatch.setattr(reducing, "reduce_pixel", real)
+    result = pipeline_with_client(args, client)
+    smaller = sum(len(pixel_files(singles / name)) for name in NAMES[:2])
+    assert result.margins[0].skipped_tasks == {"mapping": 14, "reducing": smaller}
+    for name in NAMES:
+        assert _files(tmp_path / name) == _files(singles / name)

@@ -11,6 +11,9 @@
 - ``collection`` (driver): when the input is a HATS collection, the new margin is added to
   its ``collection.properties`` (``all_margins``, ``default_margin`` when unset).
 
+Several thresholds (``margin_threshold=[5, 10, 60]``) go to ``many``: one run per margin for
+everything a run owns, one shared map stage.
+
 ``pipeline(args)`` owns a local Dask cluster; ``pipeline_with_client(args, client)``
 borrows the caller's client. Every task is idempotent and leaves a done marker, so a
 re-run with the same arguments resumes where a killed run stopped.
