@@ -80,7 +80,7 @@ def test_patterns_match_the_whole_value(tmp_path, kwargs, message):
         ({"margin_threshold": math.nan}, "got nan"),
         ({"margin_threshold": math.inf}, "got inf"),
         ({"margin_threshold": "5 parsec"}, "margin_threshold '5 parsec' is not an angle: write it like 10 (arcsec)"),
-        ({"margin_threshold": [5]}, "margin_threshold must be an angle like"),
+        ({"margin_threshold": {5}}, "margin_threshold must be an angle like"),
         ({"margin_threshold": True}, "margin_threshold must be an angle like"),
         ({"margin_threshold": 1, "allow_extreme_threshold": "yes"}, "allow_extreme_threshold must be True or False"),
         ({"margin_order": 30}, "margin_order must be between 0 and 29, got 30"),

@@ -234,3 +234,18 @@ def test_cli_exit_code_of_a_written_catalog_ignores_the_mail(capsys, client, cat
     code = cli.main(["build", str(catalogs / "small_sky_object_catalog"), str(tmp_path), "--threshold", "3600",
                      "--email", ADDRESS, "--scheduler", client.scheduler.address, "--no-progress"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_one_mail_for_several_margins_names_each(client, catalogs, tmp_path, smtp_server):
+    inbox, port = smtp_server
+    args = make_args(catalogs / "small_sky_source_catalog", tmp_path, smtp_host="127.0.0.1", smtp_port=port)
+    args = MarginCacheArguments(**{**{f: getattr(args, f) for f in (
+        "input_catalog_path", "output_path", "progress_bar", "completion_email_address", "smtp_host", "smtp_port")},
+        "margin_threshold": [600, 3600], "output_artifact_name": ["m600", "m3600"]})
+    result = pipeline_with_client(args, client)
+    assert len(inbox.messages) == 1
+    message = inbox.messages[0]
+    assert message["Subject"] == "hats-margin success: m600, m3600"
+    body = body_of(message)
+    for margin in result.margins:
+        assert f"{margin.catalog_path}: {margin.total_rows} rows" in body and margin.total_rows > 0

@@ -13,6 +13,7 @@ def test_all_is_the_public_surface():
             "ArgumentError",
             "HatsMarginError",
             "InputCatalogError",
+            "ManyMarginsResult",
             "MarginCacheArguments",
             "MarginCacheResult",
             "OutputExistsError",
@@ -31,7 +32,7 @@ def test_all_is_the_public_surface():
         "hats_margin.errors": ["ArgumentError", "HatsMarginError", "InputCatalogError", "OutputExistsError",
                                "OutputLockedError", "ResumeMismatchError", "ScriptGuardError", "StageFailedError"],
         "hats_margin.arguments": ["MarginCacheArguments"],
-        "hats_margin.orchestrator": ["MarginCacheResult", "pipeline", "pipeline_with_client"],
+        "hats_margin.orchestrator": ["ManyMarginsResult", "MarginCacheResult", "pipeline", "pipeline_with_client"],
         "hats_margin.verify": ["verify_margin"],
     }
     for module_name, names in homes.items():

@@ -228,3 +228,21 @@ def test_overwrite_on_s3_keeps_the_old_catalog_until_the_new_one_is_complete(cli
     fs.invalidate_cache()
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{BUCKET}/replaced/margin")) == [
         "dataset", "hats.properties", "partition_info.csv", "properties"]
+
+
+def test_several_margins_from_one_read_on_s3(client, s3, local_margin):
+    """Two margins, input, output and intermediate files all on S3: the one at THRESHOLD is the
+    single build's, and no intermediate file is left in either margin."""
+    args = MarginCacheArguments(
+        input_catalog_path=s3_path(s3, f"catalogs/{CATALOG}"), output_path=s3_path(s3, "many"),
+        output_artifact_name=["at_threshold", "wider"], margin_threshold=[THRESHOLD, 10 * THRESHOLD],
+        progress_bar=False,
+    )
+    result = pipeline_with_client(args, client)
+    assert [m.margin_threshold for m in result.margins] == [THRESHOLD, 10 * THRESHOLD]
+    assert_same_margin(s3_path(s3, "many/at_threshold"), local_margin)
+    assert result.margins[1].total_rows > result.margins[0].total_rows
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
+    for name in ("at_threshold", "wider"):
+        assert not fs.exists(f"{BUCKET}/many/{name}/intermediate")
+        assert fs.exists(f"{BUCKET}/many/{name}/hats.properties")

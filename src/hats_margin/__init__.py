@@ -21,6 +21,7 @@ _LAZY = {
     "ScriptGuardError": "hats_margin.errors",
     "MarginCacheArguments": "hats_margin.arguments",
     "MarginCacheResult": "hats_margin.orchestrator",
+    "ManyMarginsResult": "hats_margin.orchestrator",
     "pipeline": "hats_margin.orchestrator",
     "pipeline_with_client": "hats_margin.orchestrator",
     "verify_margin": "hats_margin.verify",
@@ -30,6 +31,7 @@ __all__ = [
     "ArgumentError",
     "HatsMarginError",
     "InputCatalogError",
+    "ManyMarginsResult",
     "MarginCacheArguments",
     "MarginCacheResult",
     "OutputExistsError",
@@ -55,7 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         ScriptGuardError,
         StageFailedError,
     )
-    from hats_margin.orchestrator import MarginCacheResult, pipeline, pipeline_with_client
+    from hats_margin.orchestrator import ManyMarginsResult, MarginCacheResult, pipeline, pipeline_with_client
     from hats_margin.verify import verify_margin
 
 

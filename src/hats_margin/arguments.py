@@ -7,6 +7,7 @@ catalog, is tmp_dir writable) is checked at the start of planning, before any wo
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import re
 import warnings
@@ -17,7 +18,7 @@ from upath import UPath
 
 from hats_margin.errors import ArgumentError
 from hats_margin.geometry import MAX_ORDER, coarse_order_for_threshold, coarse_reach_arcsec, ring_reach_arcsec
-from hats_margin.units import extreme_threshold_message, threshold_arcsec
+from hats_margin.units import extreme_threshold_message, short_angle, threshold_arcsec
 
 DEFAULT_THRESHOLD_ARCSEC = 5.0
 MAX_NAME_BYTES = 255
@@ -39,13 +40,16 @@ class MarginCacheArguments:
     """HATS catalog (object or source) to build the margin for; a HATS collection's primary is used."""
     output_path: str | Path | UPath | None = None
     """Directory that will hold the margin catalog directory."""
-    output_artifact_name: str = ""
-    """Name of the margin catalog; the margin is written to ``output_path/output_artifact_name``."""
-    margin_threshold: float | str | None = None
+    output_artifact_name: str | list[str] = ""
+    """Name of the margin catalog; the margin is written to ``output_path/output_artifact_name``.
+    With several thresholds: one name per threshold (a list, same order), or one base name to
+    which each threshold's short angle is appended (``gaia`` -> ``gaia_5arcs``, ``gaia_1arcmin``)."""
+    margin_threshold: float | str | list | None = None
     """Margin width (default 5.0 arcsec): a number of arcseconds, a string with a unit
     (``"10arcsec"``, ``'10"'``, ``"1.5arcmin"``, ``"1deg"``, ``"500mas"``) or an astropy Quantity;
     stored as arcseconds. A row joins the margin of a pixel when its great-circle distance to the
-    pixel is at most this."""
+    pixel is at most this. A list or tuple of widths builds one margin per width from one read of
+    the catalog (exact mode only); each is the catalog a build with that width alone writes."""
     allow_extreme_threshold: bool = False
     """Confirm a threshold below 0.01 arcsec or above 10 degrees (refused otherwise: such values
     are usually a unit mistake, e.g. degrees given as arcseconds)."""
@@ -96,13 +100,71 @@ class MarginCacheArguments:
     # derived, not arguments
     threshold_given: bool = field(init=False, repr=False, default=False)
     order_given: bool = field(init=False, repr=False, default=False)
+    margins: tuple[MarginCacheArguments, ...] = field(init=False, repr=False, default=())
+    """With several thresholds: one single-threshold argument set per margin, in the given order
+    (empty for a single margin)."""
 
     def __post_init__(self):
         """Check every argument and derive threshold and order; raises :class:`ArgumentError` naming the bad value."""
+        if isinstance(self.margin_threshold, (list, tuple)) and self._split_thresholds():
+            return
         self._check_paths()
         self._check_threshold_and_order()
         self._check_runtime()
         self._check_output_options()
+
+    # ------------------------------------------------------------------ several thresholds
+    def _split_thresholds(self) -> bool:
+        """A list of thresholds: validate it and make ``margins`` (True), or, for a list of one,
+        become that single build (False: the usual checks follow)."""
+        values, names = list(self.margin_threshold), self.output_artifact_name
+        if not values:
+            raise ArgumentError("margin_threshold is an empty list: give one or more widths, e.g. [5, 10, 60]")
+        if len(values) == 1:
+            self.margin_threshold = values[0]
+            if isinstance(names, (list, tuple)):
+                if len(names) != 1:
+                    raise ArgumentError(f"output_artifact_name has {len(names)} names for 1 margin_threshold")
+                self.output_artifact_name = names[0]
+            return False
+        if self.fine_filtering is False:
+            raise ArgumentError(
+                "several margin_threshold values need exact margins: fine_filtering=False (coarse) builds one "
+                "threshold per run; build each coarse margin on its own, or use fine_filtering=True"
+            )
+        arcsec = [threshold_arcsec(v) for v in values]
+        repeated = sorted({a for a in arcsec if arcsec.count(a) > 1})
+        if repeated:
+            raise ArgumentError(
+                f"margin_threshold lists {', '.join(f'{a:g}' for a in repeated)} arcsec more than once: "
+                "give each width once"
+            )
+        if isinstance(names, (list, tuple)):
+            if len(names) != len(arcsec):
+                raise ArgumentError(
+                    f"output_artifact_name has {len(names)} names for {len(arcsec)} margin_threshold values: "
+                    "give one name per threshold, or one base name (each threshold's angle is appended)"
+                )
+            names = list(names)
+        elif isinstance(names, str) and names:
+            names = [f"{names}_{short_angle(a)}" for a in arcsec]
+        else:
+            raise ArgumentError(
+                "output_artifact_name is required: one name per threshold (a list), or one base name "
+                "(e.g. 'gaia' -> 'gaia_5arcs', 'gaia_10arcs')"
+            )
+        if len(set(names)) != len(names):
+            raise ArgumentError(f"output_artifact_name gives the same name to two margins: {names}")
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        self.margins = tuple(
+            MarginCacheArguments(**{**fields, "margin_threshold": a, "output_artifact_name": n})
+            for a, n in zip(arcsec, names)
+        )
+        self.margin_threshold = tuple(arcsec)
+        self.output_artifact_name = tuple(names)
+        self.threshold_given = True
+        self.order_given = self.margins[0].order_given
+        return True
 
     # ------------------------------------------------------------------ checks
     def _check_paths(self):
@@ -237,12 +299,16 @@ class MarginCacheArguments:
     # ------------------------------------------------------------------ derived
     @property
     def catalog_path(self) -> UPath:
+        if self.margins:
+            raise AttributeError("several margins: use each of args.margins")
         """``output_path / output_artifact_name``."""
         return UPath(self.output_path) / self.output_artifact_name
 
     @property
     def tmp_base(self) -> UPath:
         """Directory that holds this run's intermediate files."""
+        if self.margins:
+            raise AttributeError("several margins: use each of args.margins")
         if self.tmp_dir is not None:
             return UPath(self.tmp_dir) / self.output_artifact_name / "intermediate"
         if self.dask_tmp is not None:

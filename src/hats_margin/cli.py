@@ -32,6 +32,7 @@ examples:
   hats-margin build gaia/ margins/ --threshold 1arcmin --workers 8  # -> margins/gaia_1arcmin
   hats-margin build gaia/ margins/ --threshold 500mas             # -> margins/gaia_500mas (also 10\", 1.5', 1deg)
   hats-margin build gaia/ margins/ --threshold 10 --coarse        # -> margins/gaia_10arcs_coarse
+  hats-margin build gaia/ margins/ --threshold 5 --threshold 1arcmin  # -> gaia_5arcs, gaia_1arcmin, one read
   hats-margin build gaia/ margins/ --threshold 10arcsec --dry-run # show the plan and row estimate, write nothing
   hats-margin build gaia/ margins/ --scheduler tcp://10.0.0.5:8786
   hats-margin build my_collection/ my_collection/ --threshold 10  # margin of the primary, registered
@@ -143,6 +144,7 @@ def to_path(value: str | None, storage_options: dict):
 def _build(opts) -> int:
     """``hats-margin build``: make the arguments from the options, then plan only (``--dry-run``) or build; exit code 0."""
     from hats_margin.arguments import MarginCacheArguments
+    from hats_margin.errors import ArgumentError
 
     storage = parse_storage_options(opts.storage_option)
     kwargs = {
@@ -163,18 +165,27 @@ def _build(opts) -> int:
         "create_plot": opts.plot,
         "check_input": opts.check_input,
     }
-    name = opts.name
-    if name is None:
+    thresholds = opts.threshold or [None]
+    kwargs["margin_threshold"] = thresholds[0] if len(thresholds) == 1 else thresholds
+    names = opts.name or []
+    if len(names) > 1 and len(names) != len(thresholds):
+        raise ArgumentError(
+            f"--name given {len(names)} times for {len(thresholds)} --threshold values: give one --name per "
+            "--threshold (same order), or none (default names)"
+        )
+    if not names:
         with warnings.catch_warnings():  # the real construction below warns once
             warnings.simplefilter("ignore")
-            threshold = MarginCacheArguments(**kwargs, output_artifact_name="margin").margin_threshold
-        name = default_margin_name(_primary_name(kwargs["input_catalog_path"]), threshold, coarse=opts.coarse)
-    args = MarginCacheArguments(**kwargs, output_artifact_name=name)
+            probe = MarginCacheArguments(**kwargs, output_artifact_name="margin")
+        values = probe.margin_threshold if probe.margins else [probe.margin_threshold]
+        primary = _primary_name(kwargs["input_catalog_path"])
+        names = [default_margin_name(primary, value, coarse=opts.coarse) for value in values]
+    args = MarginCacheArguments(**kwargs, output_artifact_name=names if len(names) > 1 else names[0])
     if opts.dry_run:
         from hats_margin.info import describe_plan
         from hats_margin.stages.planning import make_plan
 
-        print(describe_plan(make_plan(args)))
+        print("\n\n".join(describe_plan(make_plan(m)) for m in (args.margins or [args])))
         return 0
     print(_run(args, opts.scheduler).summary())
     return 0
@@ -182,10 +193,14 @@ def _build(opts) -> int:
 
 def _primary_name(input_path) -> str:
     """The primary's catalog name (for a collection, its primary's), else the directory name.
-    A missing input is reported here, before anything heavy loads."""
+    A missing input is reported here, before anything heavy loads (on stores that can list:
+    an HTTP server cannot say a directory exists; planning reports a missing catalog there)."""
+    from hats_margin.io import as_upath, lists_partitions
     from hats_margin.prechecks import check_input_directory, plain_properties
 
-    path = check_input_directory(input_path)
+    path = as_upath(input_path)
+    if lists_partitions(path):
+        path = check_input_directory(path)
     if (path / "collection.properties").exists():
         from hats_margin import collection
 
@@ -326,17 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
         "to register the margin)",
     )
     build.add_argument(
-        "--threshold", metavar="ANGLE",
-        help="margin width: a number of arcsec, or with a unit: 10arcsec, 10\", 1.5arcmin, 1.5', 1deg, 500mas (5)",
+        "--threshold", metavar="ANGLE", action="append",
+        help="margin width: a number of arcsec, or with a unit: 10arcsec, 10\", 1.5arcmin, 1.5', 1deg, 500mas (5); "
+        "repeat it to build one margin per width from one read of the catalog",
     )
     build.add_argument(
         "--allow-extreme-threshold", action="store_true",
         help="confirm a threshold below 0.01 arcsec or above 10 deg (usually a unit mistake)",
     )
     build.add_argument(
-        "--name",
+        "--name", action="append",
         help="margin catalog name (default: <primary name>_<threshold>, e.g. gaia_10arcs; gaia_10arcs_coarse "
-        "with --coarse)",
+        "with --coarse); with several --threshold, one --name per threshold, or one base name",
     )
     build.add_argument("--order", type=int, metavar="K", help="margin order (default: from the threshold)")
     build.add_argument(

@@ -60,7 +60,8 @@ def canonical_path(path, resolve_links: bool = True) -> str:
         return str(local.resolve() if resolve_links else Path(os.path.abspath(local)))
     protocol = path.protocol[0] if isinstance(path.protocol, (tuple, list)) else path.protocol
     protocol = _PROTOCOL_ALIASES.get(protocol, protocol)
-    normalised = posixpath.normpath("/" + path.path.strip("/")).lstrip("/")
+    inner = path.path.split("://", 1)[1] if "://" in path.path else path.path  # HTTP paths keep their scheme
+    normalised = posixpath.normpath("/" + inner.strip("/")).lstrip("/")
     return f"{protocol}://{normalised}"
 
 
@@ -487,8 +488,8 @@ class ShardWriters:
     batches; ``index`` says which batches hold which destination's rows (recorded in the map
     task's done marker), so a reduce task reads only its own batches (random access in the IPC
     file format). The buffer is flushed whenever it holds ``flush_bytes``, so memory stays
-    bounded by one row group plus ``flush_bytes``. Shard layout is keyed by destination pixel
-    only, so several thresholds could later share one read by adding a threshold to the key.
+    bounded by one row group plus ``flush_bytes``. Keys are destination pixels ``(order, pixel)``,
+    or ``(margin, order, pixel)`` when several margins are built from one read.
     """
 
     def __init__(self, layout: TempLayout, src_order: int, src_pixel: int, schema: pa.Schema,

@@ -32,12 +32,14 @@ def send_completion_email(args, *, success: bool, body: str):
     try:
         host = args.smtp_host or os.environ.get("HATS_MARGIN_SMTP_HOST", "localhost")
         port = args.smtp_port or _port_from_environment()
+        name = args.output_artifact_name
+        name = ", ".join(name) if isinstance(name, (list, tuple)) else name  # several margins from one read
         message = EmailMessage()
         status = "success" if success else "failure"
-        message["Subject"] = f"hats-margin {status}: {args.output_artifact_name}"
+        message["Subject"] = f"hats-margin {status}: {name}"
         message["From"] = os.environ.get("HATS_MARGIN_SMTP_FROM", f"hats-margin@{socket.gethostname()}")
         message["To"] = address
-        message.set_content(f"output_artifact_name: {args.output_artifact_name}\n{body}\n")
+        message.set_content(f"output_artifact_name: {name}\n{body}\n")
         with smtplib.SMTP(host, port, timeout=30) as smtp:
             if os.environ.get("HATS_MARGIN_SMTP_STARTTLS", "").lower() in ("1", "true", "yes"):
                 smtp.starttls()

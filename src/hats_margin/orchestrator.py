@@ -11,6 +11,9 @@
 - ``collection`` (driver): when the input is a HATS collection, the new margin is added to
   its ``collection.properties`` (``all_margins``, ``default_margin`` when unset).
 
+Several thresholds (``margin_threshold=[5, 10, 60]``) go to ``many``: one run per margin for
+everything a run owns, one shared map stage.
+
 ``pipeline(args)`` owns a local Dask cluster; ``pipeline_with_client(args, client)``
 borrows the caller's client. Every task is idempotent and leaves a done marker, so a
 re-run with the same arguments resumes where a killed run stopped.
@@ -92,6 +95,31 @@ class MarginCacheResult:
 
 
 @dataclass
+class ManyMarginsResult:
+    """What a run building several margins from one read wrote: one result per margin, in the
+    order of the thresholds given."""
+
+    margins: list[MarginCacheResult]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    elapsed_seconds: float | None = None
+
+    @property
+    def total_rows(self) -> int:
+        return sum(m.total_rows for m in self.margins)
+
+    def summary(self) -> str:
+        elapsed = sum(self.stage_seconds.values()) if self.elapsed_seconds is None else self.elapsed_seconds
+        split = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in self.stage_seconds.items())
+        lines = [f"{len(self.margins)} margins from one read of the catalog, {elapsed:.1f} s: {split}"]
+        for m in self.margins:
+            lines.append(
+                f"  {m.catalog_path}: {m.total_rows} rows in {len(m.pixels)} pixel file(s) "
+                f"(threshold {m.margin_threshold:g} arcsec, margin order {m.margin_order})"
+            )
+        return "\n".join(lines)
+
+
+@dataclass
 class _Prepared:
     """A planned run that holds the output lock: everything checked, no worker needed yet."""
 
@@ -100,8 +128,9 @@ class _Prepared:
     resumed: bool | str
 
 
-def pipeline(args: MarginCacheArguments) -> MarginCacheResult:
-    """Build the margin on a local Dask cluster made from the ``dask_*`` arguments.
+def pipeline(args: MarginCacheArguments) -> MarginCacheResult | ManyMarginsResult:
+    """Build the margin on a local Dask cluster made from the ``dask_*`` arguments (several
+    thresholds: every margin from one read, returning a ManyMarginsResult).
 
     Every check that needs no worker (arguments, input catalog, output location and ownership,
     resume fingerprint) runs before the cluster starts. One worker (the default) runs as threads
@@ -113,7 +142,7 @@ def pipeline(args: MarginCacheArguments) -> MarginCacheResult:
     return _pipeline(args, None)
 
 
-def pipeline_with_client(args: MarginCacheArguments, client: Client) -> MarginCacheResult:
+def pipeline_with_client(args: MarginCacheArguments, client: Client) -> MarginCacheResult | ManyMarginsResult:
     """Build the margin with the caller's Dask client (local, remote scheduler, SLURM...)."""
     _check_args(args)
     return _pipeline(args, client)
@@ -128,6 +157,10 @@ def _check_args(args):
 def _pipeline(args: MarginCacheArguments, client: Client | None) -> MarginCacheResult:
     """Plan (no worker), then run the stages on ``client`` or on a local cluster started for them;
     email the outcome. The elapsed time covers the whole call."""
+    if args.margins:
+        from hats_margin import many
+
+        return many.pipeline_many(args, client)
     start = time.perf_counter()
     clock = runner.StageClock()
     try:
@@ -391,7 +424,8 @@ def _done_keys(directory: UPath) -> set[str]:
 
 
 def _reduce_tasks(plan, map_results: dict[str, dict]) -> list:
-    """One :class:`ReduceTask` per margin pixel that received rows, from the map tasks' markers.
+    """One :class:`ReduceTask` per margin pixel that received rows, from the map tasks' markers
+    (several margins: only this plan's, read from the shared shards).
 
     Each task's sources are sorted by spatial-index range, so its file comes out sorted; the
     tasks are returned largest first.
@@ -400,13 +434,14 @@ def _reduce_tasks(plan, map_results: dict[str, dict]) -> list:
     from hats_margin.stages import reducing
 
     args, catalog = plan.args, plan.catalog
+    prefix = "" if plan.margin_index is None else f"{plan.margin_index}:"
     sources: dict[tuple[int, int], list[tuple[int, int, tuple[int, ...], int]]] = {}
     for payload in map_results.values():
         source = tuple(payload["source"])
         batches = payload.get("batches", {})
         for key, n in payload["rows"].items():
-            if n:
-                dest = tuple(int(x) for x in key.split("_"))
+            if n and key.startswith(prefix) and (prefix or ":" not in key):
+                dest = tuple(int(x) for x in key[len(prefix):].split("_"))
                 sources.setdefault(dest, []).append((*source, tuple(batches[key]), n))
     write_kwargs = margin_write_kwargs(catalog.schema, catalog.healpix_column, args.write_table_kwargs)
     tasks = []
@@ -414,7 +449,7 @@ def _reduce_tasks(plan, map_results: dict[str, dict]) -> list:
         items.sort(key=lambda s: s[1] << (2 * (29 - s[0])))
         tasks.append(
             reducing.ReduceTask(
-                key=f"{dest[0]}_{dest[1]}",
+                key=f"{prefix}{dest[0]}_{dest[1]}",
                 pixel=dest,
                 sources=tuple((o, p, b) for o, p, b, _ in items),
                 expected_rows=sum(n for *_, n in items),
@@ -423,6 +458,7 @@ def _reduce_tasks(plan, map_results: dict[str, dict]) -> list:
                 healpix_column=catalog.healpix_column,
                 write_kwargs=write_kwargs,
                 layout=plan.layout,
+                shard_layout=plan.shard_layout,
             )
         )
     tasks.sort(key=lambda t: -t.expected_rows)

@@ -60,6 +60,10 @@ class MapTask:
     layout: TempLayout
     check_input: bool = False
     """check every row's ra/dec against its spatial index (else only the rows read anyway)"""
+    margin_thresholds: tuple[float, ...] = ()
+    """Several margins from this one read: their thresholds, largest first (the first is
+    ``threshold_arcsec``, which the candidate search serves). Rows then go to the shard keyed by
+    (margin index, destination); empty for a single margin (keyed by destination)."""
 
     @property
     def leaf(self) -> UPath:
@@ -82,12 +86,19 @@ def map_partition(task) -> dict:
         raise
     payload = {
         "source": list(task.source),
-        "rows": {f"{o}_{p}": n for (o, p), n in sorted(rows.items())},
-        "batches": {f"{o}_{p}": batches[o, p] for (o, p) in sorted(batches)},  # read by the reduce tasks
+        "rows": {_marker_key(key): n for key, n in sorted(rows.items())},
+        "batches": {_marker_key(key): batches[key] for key in sorted(batches)},  # read by the reduce tasks
         "rows_without_coordinates": no_position,
     }
     write_json(marker, payload)
     return payload
+
+
+def _marker_key(key: tuple[int, ...]) -> str:
+    """``order_pixel`` of a destination; ``margin:order_pixel`` with several margins."""
+    if len(key) == 3:
+        return f"{key[0]}:{key[1]}_{key[2]}"
+    return f"{key[0]}_{key[1]}"
 
 
 def _map(task) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], list[int]], int]:
@@ -184,10 +195,27 @@ def _map_row_group(task, dests, parquet, path, group, writers, first_row: int) -
             task, path, first_row, _float_array(picked.column(0)), _float_array(picked.column(1)),
             spatial_index[selected], None, positions=selected,
         )
-    for lo, hi in _runs(dest_idx):
-        dest = (int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
-        writers.write(dest, table.take(pa.array(rows[lo:hi])))
+    if not task.margin_thresholds:
+        _send(writers, table, dests, rows, dest_idx, ())
+        return no_position
+    # several margins: each smaller threshold keeps a subset of the larger one's rows (nested
+    # filtering, same exact test), in the same order
+    for margin, threshold in enumerate(task.margin_thresholds):
+        if margin:
+            rows, dest_idx = _exact_filter(task, dests, ra, dec, spatial_index, rows, dest_idx, threshold)
+            if len(rows) == 0:
+                return no_position
+        _send(writers, table, dests, rows, dest_idx, (margin,))
     return no_position
+
+
+def _send(writers, table, dests, rows, dest_idx, prefix):
+    """Write ``table``'s ``rows`` to their destinations (sorted by destination): one take, then
+    a zero-copy slice per destination."""
+    selected = table.take(pa.array(rows))
+    for lo, hi in _runs(dest_idx):
+        dest = (*prefix, int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
+        writers.write(dest, selected.slice(lo, hi - lo))
 
 
 def _radec(task, row_group: _RowGroup) -> tuple[np.ndarray, np.ndarray]:
@@ -238,25 +266,24 @@ def _check_rows_in_partition(task, path, spatial_index):
         )
 
 
-def _exact_filter(task, dests, ra, dec, spatial_index, rows, dest_idx):
-    """Keep the candidate (row, destination) pairs whose row is within the threshold of its destination pixel."""
+def _exact_filter(task, dests, ra, dec, spatial_index, rows, dest_idx, threshold=None):
+    """Keep the (row, destination) pairs within ``threshold`` (default: the task's) of the destination."""
+    threshold = task.threshold_arcsec if threshold is None else threshold
     keep = np.zeros(len(rows), dtype=bool)
     for lo, hi in _runs(dest_idx):
         dest = (int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
         sel = rows[lo:hi]
         if len(sel) >= _CELL_TEST_MIN_ROWS:
-            keep[lo:hi] = _within_by_cells(task, ra[sel], dec[sel], spatial_index[sel], dest)
+            keep[lo:hi] = _within_by_cells(task, ra[sel], dec[sel], spatial_index[sel], dest, threshold)
         else:
-            keep[lo:hi] = within_threshold_of_pixel(
-                ra[sel], dec[sel], *dest, task.threshold_arcsec, known_outside=True
-            )
+            keep[lo:hi] = within_threshold_of_pixel(ra[sel], dec[sel], *dest, threshold, known_outside=True)
     return rows[keep], dest_idx[keep]
 
 
 _CELL_TEST_MIN_ROWS = 2000
 
 
-def _within_by_cells(task, ra, dec, spatial_index, dest) -> np.ndarray:
+def _within_by_cells(task, ra, dec, spatial_index, dest, threshold) -> np.ndarray:
     """Decide whole fine cells at once where the threshold is far from them.
 
     Distance to a region is 1-Lipschitz, so every point of a cell with centre c and
@@ -264,7 +291,6 @@ def _within_by_cells(task, ra, dec, spatial_index, dest) -> np.ndarray:
     cells with ``d(c) > thr + r`` all out; only rows of the cells in between are tested
     one by one. Exact, and much cheaper when many rows share few cells.
     """
-    threshold = task.threshold_arcsec
     order = min(task.healpix_order, max(task.search_order, geometry.coarse_order_for_threshold(threshold / 16)))
     cells = spatial_index.astype(np.int64) >> (2 * (task.healpix_order - order))
     unique, row_cell = np.unique(cells, return_inverse=True)

@@ -7,6 +7,7 @@ neighbour query per partition order. No global pair table is written or read.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -77,6 +78,11 @@ class Plan:
     build_path: UPath | None = None
     """Where the catalog is written: the artifact directory, or the staging directory inside it
     when overwrite replaces old contents (set when the output is prepared)."""
+    margin_index: int | None = None
+    """Several margins from one read: this margin's key in the shared shards (0 = the largest
+    threshold, whose plan holds the map tasks and whose layout holds the shards); None alone."""
+    shard_layout: TempLayout | None = None
+    """Several margins: the layout holding the shared shards and map markers."""
 
     def __post_init__(self):
         """Build in the artifact directory itself unless told otherwise."""
@@ -84,27 +90,54 @@ class Plan:
             self.build_path = self.args.catalog_path
 
 
-def make_plan(args: MarginCacheArguments) -> Plan:
-    """Planning stage: check the input and output, resolve the margin order and make the map tasks.
+def make_plan(args: MarginCacheArguments, catalog: InputCatalog | None = None, run_margins=None,
+              with_map_tasks: bool = True) -> Plan:
+    """Planning stage of one margin: check the input and output, resolve the margin order and make
+    the map tasks (``with_map_tasks``).
 
-    Reads only the input's properties, schema and partition info (no rows). Raises
-    :class:`InputCatalogError` for an unusable input and :class:`ArgumentError` for an output or
-    order that cannot work with it.
+    Reads only the input's properties, schema and partition info (no rows). ``catalog``: the
+    input, already opened; ``run_margins``: the (name, threshold) of every margin of a
+    several-margin run, recorded in the fingerprint. Raises :class:`InputCatalogError` for an
+    unusable input and :class:`ArgumentError` for an output or order that cannot work with it.
     """
-    catalog = open_input(args.input_catalog_path)
+    if catalog is None:
+        catalog = open_input(args.input_catalog_path)
     check_output_location(args, catalog.path)
     margin_order = resolve_margin_order(args, catalog)
     layout = TempLayout(args.tmp_base)
+    fingerprint = make_fingerprint(args, catalog, margin_order)
+    if run_margins is not None:
+        fingerprint["run_margins"] = [list(m) for m in run_margins]
     plan = Plan(
         args=args,
         catalog=catalog,
         margin_order=margin_order,
         threshold_arcsec=float(args.margin_threshold),
         layout=layout,
-        fingerprint=make_fingerprint(args, catalog, margin_order),
+        fingerprint=fingerprint,
     )
-    plan.map_tasks = make_map_tasks(plan)
+    if with_map_tasks:
+        plan.map_tasks = make_map_tasks(plan)
     return plan
+
+
+def make_plans(args: MarginCacheArguments) -> list[Plan]:
+    """Several margins from one read (``args.margins``): one plan per margin, in the given order,
+    each with its own output, intermediate directory and fingerprint (which lists every margin of
+    the run, so a changed set is refused on resume). The input is opened once. The plan of the
+    largest threshold (``margin_index`` 0) holds the only map tasks: their candidate search serves
+    that threshold, and each row also goes to every smaller threshold it is within, keyed by the
+    margin's index (thresholds in decreasing order); its layout holds the shards of all margins."""
+    catalog = open_input(args.input_catalog_path)
+    run = [(m.output_artifact_name, float(m.margin_threshold)) for m in args.margins]
+    plans = [make_plan(m, catalog, run, with_map_tasks=False) for m in args.margins]
+    ranked = sorted(plans, key=lambda p: -p.threshold_arcsec)
+    lead = ranked[0]
+    for index, plan in enumerate(ranked):
+        plan.margin_index, plan.shard_layout = index, lead.layout
+    thresholds = tuple(p.threshold_arcsec for p in ranked)
+    lead.map_tasks = [dataclasses.replace(t, margin_thresholds=thresholds) for t in make_map_tasks(lead)]
+    return plans
 
 
 # ------------------------------------------------------------------------ input checks

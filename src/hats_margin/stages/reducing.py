@@ -46,6 +46,10 @@ class ReduceTask:
     healpix_column: str
     write_kwargs: dict
     layout: TempLayout
+    """Where this margin's done markers go."""
+    shard_layout: TempLayout | None = None
+    """Where the map tasks' shards are, when not in ``layout`` (several margins from one read
+    share the shards of the largest threshold's layout)."""
 
 
 def reduce_pixel(task: ReduceTask) -> dict:
@@ -58,8 +62,9 @@ def reduce_pixel(task: ReduceTask) -> dict:
     try:
         writer = MarginFileWriter(temporary, task.schema, task.write_kwargs)
         try:
+            shards = task.shard_layout or task.layout
             for src_order, src_pixel, batches in task.sources:
-                shard = read_shard(task.layout.shard(src_order, src_pixel), batches)
+                shard = read_shard(shards.shard(src_order, src_pixel), batches)
                 writer.write(shard.sort_by(task.healpix_column))
         finally:
             writer.close()

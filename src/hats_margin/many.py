@@ -1,0 +1,190 @@
+"""Several margins from one read of the catalog (``margin_threshold=[5, 10, 60]``).
+
+Every margin is a run of its own for everything a run owns (its output directory, lock, claim,
+staged overwrite, intermediate directory, fingerprint, done markers, finishing), exactly as a
+single-threshold build; they share only the map stage. The map tasks are those of the largest
+threshold: each partition is read once, its candidate rows are filtered at the largest threshold,
+then at each smaller one (nested), and every (margin, destination) gets its record batches in the
+task's one shard (in the largest margin's intermediate directory). One reduce task per (margin,
+pixel) reads its own batches.
+
+Order of the end, for resume: every margin's catalog is finished, the largest last; then each one's
+intermediate files are removed and its claim released (or its staged overwrite swapped in), the
+largest last, since its intermediate directory holds the shared shards. A killed run re-run with
+the same arguments resumes each margin where it stopped; a changed set of thresholds or names is
+refused (each fingerprint lists the run's margins).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from hats_margin import notify, runner
+from hats_margin.errors import OutputExistsError, StageFailedError
+from hats_margin.io import read_json
+from hats_margin.orchestrator import (
+    _COMPLETE,
+    ManyMarginsResult,
+    MarginCacheResult,
+    _complete_earlier_run,
+    _done_keys,
+    _prepare_output,
+    _Prepared,
+    _publish,
+    _reduce_tasks,
+)
+from hats_margin.prechecks import precheck
+from hats_margin.resume import OutputLock
+
+logger = logging.getLogger(__name__)
+
+
+def pipeline_many(args, client) -> ManyMarginsResult:
+    """Plan every margin (no worker), map once, reduce and finish each; email the outcome once."""
+    start = time.perf_counter()
+    clock = runner.StageClock()
+    try:
+        prepared = _prepare_many(args, clock)
+        try:
+            if client is not None:
+                results = _execute_many(prepared, client, clock)
+            else:
+                with runner.local_client(
+                    args.dask_n_workers, args.dask_threads_per_worker, args.dask_tmp, clock
+                ) as own_client:
+                    results = _execute_many(prepared, own_client, clock)
+        finally:
+            for item in prepared:
+                item.lock.release()
+        from hats_margin import collection
+
+        if collection.is_collection(args.input_catalog_path):
+            for result in results:
+                collection.register_margin(args.input_catalog_path, result.catalog_path)
+    except Exception as exc:
+        notify.send_completion_email(
+            args, success=False, body=f"elapsed: {time.perf_counter() - start:.1f} s\n\nFailed with:\n\n{exc}"
+        )
+        raise
+    outcome = ManyMarginsResult(results, stage_seconds=clock.seconds, elapsed_seconds=time.perf_counter() - start)
+    logger.info("%s", outcome.summary())
+    notify.send_completion_email(args, success=True, body=outcome.summary())
+    return outcome
+
+
+def _prepare_many(args, clock) -> list[_Prepared]:
+    """Check every margin's output, plan them all from one opening of the input, and take every
+    margin's output lock (released again if any margin is refused)."""
+    with clock("planning"):
+        for margin in args.margins:
+            precheck(margin)
+        from hats_margin.stages import planning
+
+        prepared: list[_Prepared] = []
+        with runner.progress("Planning", 1 + len(args.margins), args.progress_bar) as bar:
+            plans = planning.make_plans(args)
+            bar.update(1)
+            try:
+                for plan in plans:
+                    planning.warn_on_large_margin(plan)
+                    lock = OutputLock(plan.args.catalog_path, plan.fingerprint)
+                    lock.acquire()
+                    try:
+                        resumed = _prepare_output(plan, lock)
+                    except BaseException:
+                        lock.release()
+                        raise
+                    prepared.append(_Prepared(plan, lock, resumed))
+                    bar.update(1)
+            except BaseException:
+                for item in prepared:
+                    item.lock.release()
+                raise
+    lead = next(p for p in prepared if p.plan.margin_index == 0)
+    unfinished = [p.plan.args.output_artifact_name for p in prepared if p.resumed != _COMPLETE]
+    if lead.resumed == _COMPLETE and unfinished:
+        for item in prepared:
+            item.lock.release()
+        raise OutputExistsError(
+            f"{lead.plan.args.catalog_path} (the largest threshold) was completed by an earlier run of these "
+            f"margins, but {', '.join(unfinished)} not: its shared intermediate files are gone. Build "
+            f"{', '.join(unfinished)} in a run without {lead.plan.args.output_artifact_name}"
+        )
+    return prepared
+
+
+def _execute_many(prepared: list[_Prepared], client, clock) -> list[MarginCacheResult]:
+    """Map once (the largest margin's tasks), reduce every unfinished margin, finish each (largest
+    last), then clean up and publish each (largest last)."""
+    from hats_margin.stages import finishing, mapping, reducing
+
+    lead = next(p for p in prepared if p.plan.margin_index == 0).plan
+    args = lead.args
+    todo_margins = [p for p in prepared if p.resumed != _COMPLETE]
+    results: dict[str, MarginCacheResult] = {}
+    for item in prepared:
+        if item.resumed == _COMPLETE:  # a dead run of the same margins had written it
+            results[item.plan.args.output_artifact_name] = _complete_earlier_run(item.plan, clock)
+    if todo_margins:
+        hint = (
+            "Fix the cause and run again with the same arguments to resume; work done so far is kept in "
+            + ", ".join(str(p.plan.layout.base) for p in todo_margins)
+            + "."
+        )
+        lead_resumed = next(p for p in prepared if p.plan.margin_index == 0).resumed
+        with clock("mapping"):
+            done = _done_keys(lead.layout.base / "mapping") if lead_resumed else set()
+            todo = [t for t in lead.map_tasks if t.key not in done]
+            skipped_map = len(lead.map_tasks) - len(todo)
+            map_results = runner.run_stage(
+                client, "Mapping", mapping.map_partition, todo,
+                progress_bar=args.progress_bar, skipped=skipped_map, resume_hint=hint,
+            )
+            for task in lead.map_tasks:
+                if task.key not in map_results:
+                    map_results[task.key] = read_json(lead.layout.map_marker(*task.source))
+        reduce_tasks = {id(p): _reduce_tasks(p.plan, map_results) for p in todo_margins}
+        with clock("reducing"):
+            todo, skipped = [], 0
+            for item in todo_margins:
+                done = _done_keys(item.plan.layout.base / "reducing") if item.resumed else set()
+                prefix = f"{item.plan.margin_index}:"
+                for task in reduce_tasks[id(item)]:
+                    if task.key[len(prefix):] in done:
+                        skipped += 1
+                    else:
+                        todo.append(task)
+            todo.sort(key=lambda t: -t.expected_rows)
+            runner.run_stage(
+                client, "Reducing", reducing.reduce_pixel, todo,
+                progress_bar=args.progress_bar, skipped=skipped, resume_hint=hint,
+            )
+        ranked = sorted(todo_margins, key=lambda p: -p.plan.margin_index)  # the largest threshold last
+        with clock("finishing"), runner.progress("Finishing", 2 * len(ranked), args.progress_bar) as bar:
+            try:
+                summaries = {}
+                for item in ranked:
+                    item.lock.set_phase("finishing")
+                    tasks = reduce_tasks[id(item)]
+                    summaries[id(item)] = finishing.finish(item.plan, {t.pixel: t.expected_rows for t in tasks})
+                    bar.update(1)
+                for item in ranked:
+                    finishing.clean_up(item.plan)
+                    _publish(item.plan)
+                    bar.update(1)
+            except Exception as exc:
+                raise StageFailedError("finishing", {"finishing": exc}, hint) from exc
+        for item in todo_margins:
+            plan, summary = item.plan, summaries[id(item)]
+            results[plan.args.output_artifact_name] = MarginCacheResult(
+                catalog_path=plan.args.catalog_path,
+                total_rows=summary["total_rows"],
+                pixels=summary["pixels"],
+                margin_order=plan.margin_order,
+                margin_threshold=plan.threshold_arcsec,
+                fine_filtering=plan.args.fine_filtering,
+                stage_seconds=clock.seconds,
+                skipped_tasks={"mapping": skipped_map, "reducing": skipped},
+            )
+    return [results[p.plan.args.output_artifact_name] for p in prepared]
