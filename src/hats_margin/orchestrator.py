@@ -30,6 +30,7 @@ from upath import UPath
 from hats_margin import collection, notify, runner
 from hats_margin.arguments import MarginCacheArguments
 from hats_margin.errors import ArgumentError, OutputExistsError, StageFailedError
+from hats_margin.geometry import MAX_ORDER
 from hats_margin.io import margin_write_kwargs, output_file, read_json, remove_tree
 from hats_margin.resume import LOCK_NAME, OutputLock, fingerprint_digest, prepare_intermediate
 from hats_margin.stages import finishing, mapping, planning, reducing
@@ -291,7 +292,7 @@ def _reduce_tasks(plan, map_results: dict[str, dict]) -> list[reducing.ReduceTas
     write_kwargs = margin_write_kwargs(catalog.schema, catalog.healpix_column, args.write_table_kwargs)
     tasks = []
     for dest, items in sources.items():
-        items.sort(key=lambda s: s[1] << (2 * (29 - s[0])))
+        items.sort(key=lambda s: s[1] << (2 * (MAX_ORDER - s[0])))
         tasks.append(
             reducing.ReduceTask(
                 key=f"{dest[0]}_{dest[1]}",

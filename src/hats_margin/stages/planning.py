@@ -113,7 +113,7 @@ def open_input(path) -> InputCatalog:
         )
     schema = read_input_schema(path)
     healpix_column = properties.healpix_column or ("_healpix_29" if "_healpix_29" in schema.names else None)
-    healpix_order = properties.healpix_order if properties.healpix_order is not None else 29
+    healpix_order = properties.healpix_order if properties.healpix_order is not None else geometry.MAX_ORDER
     if healpix_column is None or healpix_column not in schema.names:
         raise InputCatalogError(
             f"{path} has no spatial index column ({healpix_column or 'hats_col_healpix not set, no _healpix_29'}"
