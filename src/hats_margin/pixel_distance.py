@@ -86,11 +86,12 @@ import cdshealpix.nested as _cds
 import numpy as np
 from astropy.coordinates import Latitude, Longitude
 
-__all__ = ["distance_to_pixel_arcsec", "within_threshold_of_pixel"]
+from hats_margin.geometry import MAX_ORDER, local_xy, unit_vectors
+
+__all__ = ["cell_caps", "distance_to_pixel_arcsec", "within_threshold_of_pixel"]
 
 ARCSEC_PER_RAD = 648000.0 / np.pi
 
-_MAX_ORDER = 29
 _COARSE_PER_EDGE = 8  # coarse segments per edge (32 around the pixel)
 _SPLIT = 4  # sub-intervals per task and refinement round
 _CHUNK_ENTRIES = 1 << 21  # bound on points x segments entries per work array
@@ -115,27 +116,6 @@ _SQRT_HALF = float(np.sqrt(0.5))
 # --------------------------------------------------------------------------------------------
 # Small numeric helpers
 # --------------------------------------------------------------------------------------------
-def _sincos_deg(a):
-    """sin and cos of angles in degrees, reducing exactly by quadrants before converting."""
-    q = np.rint(a * (1.0 / 90.0))
-    r = np.deg2rad(a - 90.0 * q)  # a - 90 q is exact (Sterbenz); |r| <= ~pi/4
-    s = np.sin(r)
-    c = np.cos(r)
-    k = np.fmod(np.where(np.isfinite(q), q, 0.0), 4.0).astype(np.int64) & 3  # quadrant
-    swap = (k & 1).astype(bool)
-    sin_out = np.where(swap, c, s)
-    cos_out = np.where(swap, s, c)
-    sin_sign = 1 - 2 * (k >> 1)
-    cos_sign = 1 - 2 * ((k ^ (k >> 1)) & 1)
-    return sin_out * sin_sign, cos_out * cos_sign
-
-
-def _unit_vectors(ra_deg, dec_deg):
-    sr, cr = _sincos_deg(ra_deg)
-    sd, cd = _sincos_deg(dec_deg)
-    return cd * cr, cd * sr, sd
-
-
 def _angle_between(ax, ay, az, bx, by, bz):
     """Great-circle angle between unit vectors, 2 atan2(|a-b|, |a+b|): accurate at all angles."""
     dx, dy, dz = ax - bx, ay - by, az - bz
@@ -146,17 +126,6 @@ def _angle_between(ax, ay, az, bx, by, bz):
 def _chord_of(theta):
     """Chord length 2 sin(theta/2) for theta in [0, pi]."""
     return 2.0 * np.sin(0.5 * np.minimum(theta, np.pi))
-
-
-def _compact_bits(v: int) -> int:
-    """Keep the even bits of v, packed (nested index de-interleaving)."""
-    out = 0
-    bit = 0
-    while v:
-        out |= (v & 1) << bit
-        v >>= 2
-        bit += 1
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,9 +146,8 @@ class _PixelGeometry:
         n = 1 << order
         self.n = float(n)
         face = pixel >> (2 * order)
-        ipf = pixel & ((1 << (2 * order)) - 1)
-        i = _compact_bits(ipf)
-        j = _compact_bits(ipf >> 1)
+        fi, fj = local_xy(np.array([pixel]), order, 0, face)
+        i, j = int(fi[0]), int(fj[0])
         self.face, self.i, self.j = face, i, j
 
         if face < 4:
@@ -639,8 +607,8 @@ def _check_pixel(order, pixel):
         raise TypeError("order and pixel must be integers")
     order = int(order)
     pixel = int(pixel)
-    if not 0 <= order <= _MAX_ORDER:
-        raise ValueError(f"order must be in [0, {_MAX_ORDER}], got {order}")
+    if not 0 <= order <= MAX_ORDER:
+        raise ValueError(f"order must be in [0, {MAX_ORDER}], got {order}")
     if not 0 <= pixel < 12 * 4**order:
         raise ValueError(f"pixel {pixel} out of range for order {order}")
     return order, pixel
@@ -653,7 +621,7 @@ def _solver_for(order: int, pixel: int) -> _Solver:
     key = (order, pixel)
     solver = _GEOMETRY_CACHE.get(key)
     if solver is None:
-        if len(_GEOMETRY_CACHE) > 256:
+        if len(_GEOMETRY_CACHE) > 1024:  # a map worker meets each destination many times
             _GEOMETRY_CACHE.clear()
         solver = _Solver(_PixelGeometry(order, pixel))
         _GEOMETRY_CACHE[key] = solver
@@ -685,11 +653,15 @@ def _chunk_size():
     return max(1024, _CHUNK_ENTRIES // (4 * _COARSE_PER_EDGE))
 
 
-def distance_to_pixel_arcsec(ra_deg: np.ndarray, dec_deg: np.ndarray, order: int, pixel: int) -> np.ndarray:
+def distance_to_pixel_arcsec(
+    ra_deg: np.ndarray, dec_deg: np.ndarray, order: int, pixel: int, *, known_outside: bool = False
+) -> np.ndarray:
     """Great-circle distance (float64 arcsec) from each point to the closed region of a pixel.
 
     ``0.0`` for points inside the pixel (cdshealpix assignment at ``order``); ``nan`` for
     non-finite coordinates. Accuracy: ``|error| <= 1e-9 arcsec + 1e-9 * distance``.
+    ``known_outside=True`` is the caller's promise that no point lies in the pixel: the inside
+    lookup is skipped (a point inside would get its distance to the boundary instead of 0).
     """
     order, pixel = _check_pixel(order, pixel)
     ra, dec, finite, shape = _prepare_points(ra_deg, dec_deg)
@@ -702,11 +674,11 @@ def distance_to_pixel_arcsec(ra_deg: np.ndarray, dec_deg: np.ndarray, order: int
     for start in range(0, idx_all.size, chunk):
         idx = idx_all[start : start + chunk]
         r, d = ra[idx], dec[idx]
-        inside = _inside(r, d, order, pixel)
+        inside = np.zeros(idx.size, dtype=bool) if known_outside else _inside(r, d, order, pixel)
         out[idx[inside]] = 0.0
         outside = ~inside
         if np.any(outside):
-            px, py, pz = _unit_vectors(r[outside], d[outside])
+            px, py, pz = unit_vectors(r[outside], d[outside])
             ub, _ = solver.solve(px, py, pz)
             out[idx[outside]] = ub * ARCSEC_PER_RAD
     return out.reshape(shape)
@@ -746,7 +718,7 @@ def within_threshold_of_pixel(
     for start in range(0, idx_all.size, chunk):
         idx = idx_all[start : start + chunk]
         r, d = ra[idx], dec[idx]
-        px, py, pz = _unit_vectors(r, d)
+        px, py, pz = unit_vectors(r, d)
         ex, ey, ez = px - cx, py - cy, pz - cz
         chord = np.sqrt(ex * ex + ey * ey + ez * ez)
         near = chord <= chord_in
@@ -764,3 +736,46 @@ def within_threshold_of_pixel(
             _, decided = solver.solve(px[sel], py[sel], pz[sel], thr=thr)
             out[idx[sel[decided]]] = True
     return out.reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Certified caps around many cells at once
+# --------------------------------------------------------------------------------------------
+_CAP_STEP = 4  # boundary samples per cell edge for cell_caps (allowance ~2% of the radius)
+
+
+def cell_caps(cells, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centre ``(ra_deg, dec_deg)`` of each nested cell at ``order`` and a certified radius
+    (arcsec): every point of the closed cell is within that radius of the centre.
+
+    The boundary is sampled ``_CAP_STEP`` times per edge (``cdshealpix.nested.vertices``, even
+    steps of the face coordinate). Between two samples the edge stays within ``M h^2 / 8`` of
+    the straight chord joining them (linear interpolation error, ``h = 1 / (n step)`` in face
+    units, ``M`` the curvature bound of ``_PixelGeometry.curvature_bound``: 2 in the equatorial
+    zone and ``1.65 + 2.02 a^2 / sigma^3 <= 1.65 + 2.02 n`` in the polar caps, since
+    ``sigma >= a >= 1 / n`` on edges off the face border and ``a = 0`` on it). The chord is
+    farthest from the centre at an end point (convexity), so ``max sample chord + M h^2 / 8``
+    bounds the centre-boundary chord, and the farthest point of a cell (smaller than a
+    hemisphere) from an interior point is on its boundary.
+    """
+    cells = np.asarray(cells, dtype=np.uint64)
+    if cells.size == 0:
+        empty = np.zeros(0)
+        return empty, empty.copy(), empty.copy()
+    n = float(1 << int(order))
+    lon, lat = _cds.healpix_to_lonlat(cells, int(order))
+    ra, dec = lon.to_value("deg"), lat.to_value("deg")
+    v_lon, v_lat = _cds.vertices(cells, int(order), step=_CAP_STEP)
+    cx, cy, cz = unit_vectors(ra, dec)
+    # plain trigonometry: its ~1e-16 rounding is covered by the final slack
+    v_lon, v_lat = v_lon.to_value("rad"), v_lat.to_value("rad")
+    cos_lat = np.cos(v_lat)
+    dx = cos_lat * np.cos(v_lon) - cx[:, None]
+    dy = cos_lat * np.sin(v_lon) - cy[:, None]
+    dz = np.sin(v_lat) - cz[:, None]
+    farthest = np.sqrt((dx * dx + dy * dy + dz * dz).max(axis=1))
+    curvature = max(_M_EQUATORIAL, _M_POLAR_CONST + _M_POLAR_COEF * n)
+    allowance = curvature / (8.0 * (n * _CAP_STEP) ** 2)
+    chord = (farthest + allowance) * (1.0 + 1e-12) + 4e-16
+    radius = 2.0 * np.arcsin(np.minimum(0.5 * chord, 1.0)) * (1.0 + 1e-12)
+    return ra, dec, radius * ARCSEC_PER_RAD
