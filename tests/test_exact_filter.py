@@ -126,3 +126,22 @@ def test_dir_rule_has_one_home_and_it_is_hats_rule():
 
     for order, pixel in [(0, 5), (5, 9999), (7, 10000), (7, 123456), (12, 201326591)]:
         assert io.dir_number(pixel) == HealpixPixel(order, pixel).dir
+
+
+@pytest.mark.parametrize("threshold", [1.0, 10.0, 3600.0])
+def test_exact_search_needs_one_ring_only(threshold, catalogs, tmp_path):
+    """Two rings of neighbours cost ~2.5x one in the candidate search: exact mode searches at
+    the deepest order one ring covers (1 arcsec: order 16, not 17 with two rings)."""
+    from hats_margin import MarginCacheArguments
+    from hats_margin.stages import planning
+
+    args = MarginCacheArguments(
+        input_catalog_path=catalogs / "small_sky_source_catalog",
+        output_path=tmp_path,
+        output_artifact_name="one_ring",
+        margin_threshold=threshold,
+    )
+    tasks = planning.make_plan(args).map_tasks
+    assert {task.rings for task in tasks} == {1}
+    assert geometry.ring_reach_arcsec(geometry.one_ring_order(threshold)) >= threshold
+    assert geometry.ring_reach_arcsec(geometry.one_ring_order(threshold) + 1) < threshold

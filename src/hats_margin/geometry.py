@@ -57,6 +57,13 @@ def coarse_reach_arcsec(order: int) -> float:
     return float(_MINDIST_ARCSEC[int(order)])
 
 
+def one_ring_order(threshold_arcsec: float) -> int:
+    """The deepest order at which one ring of neighbours covers the threshold
+    (``ring_reach_arcsec(order) >= threshold``), clipped to 0..MAX_ORDER: the cheapest exact
+    candidate search (two rings cost about 2.5x one in the search, for half the candidates)."""
+    return coarse_order_for_threshold(threshold_arcsec / RING_SAFETY)
+
+
 def rings_needed(threshold_arcsec: float, order: int) -> int:
     """How many neighbour rings at ``order`` surely cover ``threshold_arcsec``."""
     return max(1, math.ceil(threshold_arcsec / ring_reach_arcsec(order)))

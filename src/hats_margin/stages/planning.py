@@ -276,7 +276,7 @@ def make_map_tasks(plan: Plan) -> list[MapTask]:
     tasks = []
     # exact mode: the order only sets speed; a margin_order much finer than the threshold would
     # need thousands of neighbour rings, so search no finer than the threshold's own order
-    fitting = geometry.coarse_order_for_threshold(plan.threshold_arcsec)
+    fitting = geometry.one_ring_order(plan.threshold_arcsec)
     for order, pixel in catalog.partitions:
         tiles = reach[(order, pixel)]
         if args.fine_filtering:
