@@ -1,6 +1,7 @@
 """Precise great-circle distance from points to the closed region of one nested HEALPix pixel.
 
-Pure, vectorised geometry (numpy + cdshealpix only): no I/O, no dask, no pandas.
+Pure, vectorised geometry (numpy + cdshealpix, constants and helpers from geometry): no I/O,
+no dask, no pandas.
 
 Public API
 ----------
@@ -9,6 +10,12 @@ Public API
     pixel ``pixel`` at ``order``; exactly ``0.0`` for points inside it.
 ``within_threshold_of_pixel(ra_deg, dec_deg, order, pixel, threshold_arcsec) -> bool ndarray``
     ``distance <= threshold_arcsec``.
+``cell_caps(cells, order) -> (ra_deg, dec_deg, radius_arcsec)``
+    Centre of many cells and a certified radius enclosing each whole cell (the whole-cell
+    decisions of ``exact_filter`` rest on it).
+
+Both distance functions take ``known_outside=True``: the caller promises no point is in the
+pixel, and the inside lookup is skipped.
 
 Both broadcast ``ra_deg`` against ``dec_deg`` and return an array of the broadcast shape.
 Non-finite coordinates give ``nan`` / ``False``; ``|dec| > 90`` raises ``ValueError``.
