@@ -49,8 +49,8 @@ def pairs_within_threshold(
     keep = np.zeros(len(rows), dtype=bool)
     spatial_index = np.asarray(spatial_index, dtype=np.int64)
     active = np.arange(len(rows))
-    # cells whose radius is about a tenth of the threshold: nearly all of them are decided whole
-    order = min(index_order, max(min_cell_order, coarse_order_for_threshold(threshold / 8)))
+    # cells whose radius is about a twentieth of the threshold: nearly all are decided whole
+    order = min(index_order, max(min_cell_order, coarse_order_for_threshold(threshold / 16)))
     cells = spatial_index[rows] >> (2 * (index_order - order))
     # unique (destination, cell) pairs (pairs are sorted by destination)
     by_pair = np.lexsort((cells, dest_idx))
