@@ -69,7 +69,9 @@ def _dense_rows_beside(dest_order, dest_pixel, source_pixel, n, thr, seed):
         bearing = rng.uniform(0, 2 * np.pi, 4 * n)
         la0, lo0 = np.radians(lat[k]), np.radians(lon[k])
         la1 = np.arcsin(np.sin(la0) * np.cos(dist) + np.cos(la0) * np.sin(dist) * np.cos(bearing))
-        lo1 = lo0 + np.arctan2(np.sin(bearing) * np.sin(dist) * np.cos(la0), np.cos(dist) - np.sin(la0) * np.sin(la1))
+        lo1 = lo0 + np.arctan2(
+            np.sin(bearing) * np.sin(dist) * np.cos(la0), np.cos(dist) - np.sin(la0) * np.sin(la1)
+        )
         ra, dec = np.degrees(lo1) % 360.0, np.degrees(la1)
         owner = cds.lonlat_to_healpix(Longitude(ra, u.deg), Latitude(dec, u.deg), dest_order).astype(np.int64)
         mine = owner == source_pixel
@@ -114,7 +116,9 @@ def test_sparse_rows_are_tested_one_by_one(monkeypatch):
     rows = np.arange(len(ra))
     called = []
     monkeypatch.setattr(exact_filter, "cell_caps", lambda *a: called.append(a) or cell_caps(*a))
-    keep = exact_filter.pairs_within_threshold(ra, dec, index, 29, 5, rows, np.zeros_like(rows), dests, 3600.0)
+    keep = exact_filter.pairs_within_threshold(
+        ra, dec, index, 29, 5, rows, np.zeros_like(rows), dests, 3600.0
+    )
     assert np.array_equal(keep, within_threshold_of_pixel(ra, dec, 5, 1000, 3600.0))
     assert called == []
 
@@ -145,3 +149,54 @@ def test_exact_search_needs_one_ring_only(threshold, catalogs, tmp_path):
     assert {task.rings for task in tasks} == {1}
     assert geometry.ring_reach_arcsec(geometry.one_ring_order(threshold)) >= threshold
     assert geometry.ring_reach_arcsec(geometry.one_ring_order(threshold) + 1) < threshold
+
+
+def _points_near_boundary(order, pixel, thr, n, seed):
+    """n points outside the pixel within 2 thresholds of its boundary (ra, dec)."""
+    rng = np.random.default_rng(seed)
+    lon, lat = cds.vertices(np.array([pixel], dtype=np.uint64), order, step=256)
+    lon, lat = np.radians(lon.to_value("deg")[0]), np.radians(lat.to_value("deg")[0])
+    k = rng.integers(0, len(lon), 3 * n)
+    dist = np.radians(rng.uniform(0, 2 * thr, 3 * n) / 3600.0)
+    bearing = rng.uniform(0, 2 * np.pi, 3 * n)
+    la = np.arcsin(np.sin(lat[k]) * np.cos(dist) + np.cos(lat[k]) * np.sin(dist) * np.cos(bearing))
+    lo = lon[k] + np.arctan2(
+        np.sin(bearing) * np.sin(dist) * np.cos(lat[k]), np.cos(dist) - np.sin(lat[k]) * np.sin(la)
+    )
+    ra, dec = np.degrees(lo) % 360.0, np.degrees(la)
+    owner = cds.lonlat_to_healpix(Longitude(ra, u.deg), Latitude(dec, u.deg), order).astype(np.int64)
+    return ra[owner != pixel][:n], dec[owner != pixel][:n]
+
+
+@pytest.mark.parametrize(
+    "order, pixel, thr", [(4, 1000, 1.0), (4, 1000, 60.0), (3, 5, 600.0), (6, 100, 10.0), (8, 11 * 4**8, 3.0)]
+)
+def test_polyline_bracket_spares_the_branch_and_bound_and_changes_no_answer(order, pixel, thr, monkeypatch):
+    """Most rows near the threshold band are decided by the polyline bracket (chords between
+    boundary points with certified interpolation allowances); the few left go to the branch and
+    bound; every answer is the branch and bound's own, also at distance * (1 +- 1e-6)."""
+    ra, dec = _points_near_boundary(order, pixel, thr, 4000, seed=order)
+    solved = []
+    real_solve = pixel_distance._Solver.solve
+
+    def counting_solve(self, px, *args, **kwargs):
+        solved.append(len(px))
+        return real_solve(self, px, *args, **kwargs)
+
+    monkeypatch.setattr(pixel_distance._Solver, "solve", counting_solve)
+    fast = within_threshold_of_pixel(ra, dec, order, pixel, thr, known_outside=True)
+    assert sum(solved) < len(ra) / 10
+    assert 0.2 < fast.mean() < 0.8
+
+    def no_bracket(self, px, py, pz, chord_in, chord_out):
+        return np.zeros(len(px), dtype=bool), np.zeros(len(px), dtype=bool)
+
+    monkeypatch.setattr(pixel_distance._Polyline, "bracket", no_bracket)
+    assert np.array_equal(fast, within_threshold_of_pixel(ra, dec, order, pixel, thr, known_outside=True))
+    # at the threshold's edge the answers are exact
+    monkeypatch.undo()
+    dist = pixel_distance.distance_to_pixel_arcsec(ra[:300], dec[:300], order, pixel)
+    for factor, expected in ((1 + 1e-6, True), (1 - 1e-6, False)):
+        for k in range(300):
+            got = within_threshold_of_pixel(ra[k : k + 1], dec[k : k + 1], order, pixel, dist[k] * factor)
+            assert got[0] == expected, (ra[k], dec[k], dist[k], factor)

@@ -63,7 +63,13 @@ Method
   this removes the only flat case (points 90 deg away are equidistant from such an edge).
 * ``within_threshold_of_pixel`` first applies a cap pre-filter (chord to the pixel centre vs.
   threshold and threshold + certified circumradius) and the inside test, so points away from
-  the threshold band never touch the boundary.
+  the threshold band never touch the boundary. Then a polyline bracket (``_Polyline``): the
+  boundary as straight chords between evaluated boundary points, each within ``M h^2 / 8`` of
+  its piece of edge (linear interpolation error, the same curvature bound ``M``), fine enough
+  for allowances of about threshold / 64. In one vectorised pass it accepts or rejects every
+  point whose distance is not within a few percent of the threshold; only those reach the
+  branch and bound (on a 1 M-row sky: the exact filter 1.8x faster at 10 arcsec, 1.7x at 60,
+  1.25x at 1, unchanged at 3600, where the bound's first stage already decides).
 * Work arrays are chunked to <= 2**21 entries (points x segments, tasks x sub-intervals).
 
 Measured speed (2 vCPU container shared with other jobs, numpy 2.4, best of 3 runs; pixel 4000
@@ -104,6 +110,9 @@ _SPLIT = 4  # sub-intervals per task and refinement round
 _CHUNK_ENTRIES = 1 << 21  # bound on points x segments entries per work array
 _MAX_ROUNDS = 64
 _MAX_TASKS_PER_POINT = 256
+_POLY_COARSE = 8  # coarse chords per edge of the polyline bracket
+_POLY_MAX_FINE = 64  # at most this many fine chords per coarse one
+_POLY_TARGET = 1.0 / 64  # aim for fine allowances <= threshold / 64
 
 # Stop refining once upper - lower <= _TOL_ABS + _TOL_REL * upper (radians).
 _TOL_ABS = 2.5e-15  # ~5.2e-10 arcsec
@@ -383,6 +392,94 @@ def _survive(bound_chord, cut, far):
 
 
 # --------------------------------------------------------------------------------------------
+# Polyline bracket: a cheap certified accept / reject before the branch and bound
+# --------------------------------------------------------------------------------------------
+def _segment_chords(px, py, pz, ax, ay, az, dx, dy, dz, inv_len2):
+    """Euclidean distance from points P to the straight segments A -> A + D (broadcast)."""
+    qx, qy, qz = px - ax, py - ay, pz - az
+    u = np.clip((qx * dx + qy * dy + qz * dz) * inv_len2, 0.0, 1.0)
+    ex, ey, ez = qx - u * dx, qy - u * dy, qz - u * dz
+    return np.sqrt(ex * ex + ey * ey + ez * ez)
+
+
+class _Polyline:
+    """The boundary as straight chords between boundary points, each with a certified
+    Hausdorff allowance, at two levels: ``_POLY_COARSE`` pieces per edge, and ``fine`` pieces
+    inside each of them.
+
+    For a piece [t0, t1] of an edge (h = t1 - t0) and the chord L between B(t0) and B(t1),
+    ``|B(t) - L(t)| <= M h^2 / 8`` (linear interpolation error of a vector function, M the
+    curvature bound of the piece): every boundary point is within that of the chord and every
+    chord point within that of the boundary. So ``min(|P - L| - eps)`` and ``min(|P - L| + eps)``
+    over the pieces bracket the chord from P to the boundary, which is the chord of the
+    distance to the pixel for points outside it.
+    """
+
+    def __init__(self, geom: _PixelGeometry, fine: int):
+        self.fine = fine
+        per_edge = _POLY_COARSE * fine
+        t = np.arange(per_edge + 1, dtype=np.float64) / per_edge
+        edge = np.repeat(np.arange(4), per_edge)
+        t_lo, t_hi = np.tile(t[:-1], 4), np.tile(t[1:], 4)
+        lo = geom.evaluate(edge, t_lo)
+        hi = geom.evaluate(edge, t_hi)
+        d = [b - a for a, b in zip(lo, hi)]
+        len2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+        inv = np.where(len2 > 0, 1.0 / np.where(len2 > 0, len2, 1.0), 0.0)
+        eps = geom.curvature_bound(edge, t_lo, t_hi) * (t_hi - t_lo) ** 2 * 0.125 * (1 + 1e-12) + _SLACK
+        shape = (4 * _POLY_COARSE, fine)
+        self.fine_parts = [c.reshape(shape) for c in (*lo, *d, inv, eps)]
+        # coarse pieces: chords between every fine-th point
+        c_lo_t = np.tile(t[:-1:fine], 4)
+        c_hi_t = np.tile(t[fine::fine], 4)
+        c_edge = np.repeat(np.arange(4), _POLY_COARSE)
+        lo = geom.evaluate(c_edge, c_lo_t)
+        hi = geom.evaluate(c_edge, c_hi_t)
+        d = [b - a for a, b in zip(lo, hi)]
+        len2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+        inv = np.where(len2 > 0, 1.0 / np.where(len2 > 0, len2, 1.0), 0.0)
+        eps = geom.curvature_bound(c_edge, c_lo_t, c_hi_t) * (c_hi_t - c_lo_t) ** 2 * 0.125 * (1 + 1e-12) + _SLACK
+        self.coarse_parts = (*lo, *d, inv, eps)
+
+    def bracket(self, px, py, pz, chord_in, chord_out):
+        """(surely_in, surely_out) for points outside the pixel: their chord to the boundary is
+        certainly <= ``chord_in`` / certainly > ``chord_out``. Points in neither need the
+        branch and bound."""
+        ax, ay, az, dx, dy, dz, inv, eps = self.coarse_parts
+        chord = _segment_chords(px[:, None], py[:, None], pz[:, None], ax, ay, az, dx, dy, dz, inv)
+        upper = (chord + eps).min(axis=1)
+        low = chord - eps
+        lower = low.min(axis=1)
+        surely_in = upper <= chord_in
+        surely_out = lower > chord_out
+        if self.fine == 1:
+            return surely_in, surely_out
+        open_ = ~surely_in & ~surely_out
+        # fine level, only on the coarse pieces that may hold a point nearer than both the best
+        # upper bound and the threshold
+        cut = np.minimum(upper, chord_out)[:, None]
+        point, piece = np.nonzero((low <= cut) & open_[:, None])
+        if point.size == 0:
+            return surely_in, surely_out
+        pair_upper = np.empty(point.size)
+        pair_lower = np.empty(point.size)
+        step = max(1, _CHUNK_ENTRIES // self.fine)
+        for lo in range(0, point.size, step):
+            pt, pc = point[lo : lo + step], piece[lo : lo + step]
+            fx, fy, fz, fdx, fdy, fdz, finv, feps = (c[pc] for c in self.fine_parts)
+            chord = _segment_chords(px[pt, None], py[pt, None], pz[pt, None], fx, fy, fz, fdx, fdy, fdz, finv)
+            pair_upper[lo : lo + step] = (chord + feps).min(axis=1)
+            pair_lower[lo : lo + step] = (chord - feps).min(axis=1)
+        starts = np.flatnonzero(np.r_[True, point[1:] != point[:-1]])
+        owners = point[starts]
+        upper_f = np.minimum.reduceat(pair_upper, starts)
+        lower_f = np.minimum.reduceat(pair_lower, starts)
+        surely_in[owners] |= upper_f <= chord_in
+        surely_out[owners] |= lower_f > chord_out
+        return surely_in, surely_out
+
+
+# --------------------------------------------------------------------------------------------
 # Branch and bound over the boundary
 # --------------------------------------------------------------------------------------------
 class _Solver:
@@ -424,9 +521,24 @@ class _Solver:
                 self.meridians.append(
                     (float(mx[0]) / rm, float(my[0]) / rm, float(theta.min()), float(theta.max()), ends)
                 )
+        self.polylines: dict[int, _Polyline] = {}
         self.c_skip = np.isin(
             self.c_edge, [e for e in range(4) if geom.zone[e] != _ZONE_EQ and geom.a[e] == 0.0]
         )
+
+    def polyline(self, thr: float) -> _Polyline:
+        """The polyline bracket fine enough for threshold ``thr`` (radians): fine allowances
+        about ``thr * _POLY_TARGET`` (at most ``_POLY_MAX_FINE`` fine chords per coarse one)."""
+        h0 = 1.0 / _POLY_COARSE
+        m_max = float(np.max(self.g.curvature_bound(self.c_edge, self.c_lo, self.c_hi)))
+        want = h0 * np.sqrt(m_max / (8.0 * _POLY_TARGET * max(thr, 1e-300)))
+        fine = 1
+        while fine < want and fine < _POLY_MAX_FINE:
+            fine *= 2
+        poly = self.polylines.get(fine)
+        if poly is None:
+            poly = self.polylines[fine] = _Polyline(self.g, fine)
+        return poly
 
     def _meridian_distance(self, px, py, pz, merid):
         """Exact distance from points to a meridian arc (great circle through the pole)."""
@@ -721,6 +833,9 @@ def within_threshold_of_pixel(
     chord_in = _chord_of(thr) * (1.0 - 1e-12) - 4e-16
     reach = thr + solver.circumradius
     chord_out = _chord_of(reach) * (1.0 + 1e-12) + 4e-16 if reach < np.pi else np.inf
+    # Polyline bracket on the boundary chord itself, then the branch and bound for the rest.
+    chord_out_exact = _chord_of(thr) * (1.0 + 1e-12) + 4e-16
+    poly = solver.polyline(thr)
     chunk = 4 * _chunk_size()
     for start in range(0, idx_all.size, chunk):
         idx = idx_all[start : start + chunk]
@@ -740,8 +855,12 @@ def within_threshold_of_pixel(
         small = _chunk_size()
         for s0 in range(0, todo.size, small):
             sel = todo[s0 : s0 + small]
-            _, decided = solver.solve(px[sel], py[sel], pz[sel], thr=thr)
-            out[idx[sel[decided]]] = True
+            surely_in, surely_out = poly.bracket(px[sel], py[sel], pz[sel], chord_in, chord_out_exact)
+            out[idx[sel[surely_in]]] = True
+            sel = sel[~surely_in & ~surely_out]
+            if sel.size:
+                _, decided = solver.solve(px[sel], py[sel], pz[sel], thr=thr)
+                out[idx[sel[decided]]] = True
     return out.reshape(shape)
 
 
