@@ -206,7 +206,7 @@ class MarginCacheArguments:
         if self.order_given:
             order = self.margin_order
             if isinstance(order, bool) or not isinstance(order, numbers.Integral):
-                raise ArgumentError(f"margin_order must be an integer 0..29 (or None), not {order!r}")
+                raise ArgumentError(f"margin_order must be an integer 0..{MAX_ORDER} (or None), not {order!r}")
             if not 0 <= int(order) <= MAX_ORDER:
                 raise ArgumentError(f"margin_order must be between 0 and {MAX_ORDER}, got {order}")
             self.margin_order = int(order)

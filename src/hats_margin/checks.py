@@ -18,7 +18,7 @@ import numpy as np
 from astropy import units as u
 from astropy.coordinates import Latitude, Longitude
 
-from hats_margin.geometry import cell_centres_and_radii
+from hats_margin.pixel_distance import cell_caps
 
 TOLERANCE_ARCSEC = 0.1
 
@@ -56,7 +56,7 @@ def check_coordinates(ra_deg, dec_deg, spatial_index, index_order: int) -> Coord
 def _farther_than_cell(ra, dec, cells, order) -> np.ndarray:
     """Points farther than the tolerance from the cell (a bound: centre distance > radius + tol)."""
     unique, inverse = np.unique(cells, return_inverse=True)
-    c_ra, c_dec, radius = cell_centres_and_radii(unique, order)
+    c_ra, c_dec, radius = cell_caps(unique, order)  # certified: every point of the cell is within radius
     distance = _angular_distance_arcsec(ra, dec, c_ra[inverse], c_dec[inverse])
     return distance > radius[inverse] + TOLERANCE_ARCSEC
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_ORDER = 29
+"""The deepest HEALPix order (spatial indices are order-29 nested indices): the one home of this
+constant for the pipeline (the verifier keeps its own on purpose, see verify/tiles.py)."""
 
 # hats' order2mindist is the 1.6-ratio estimate of the narrowest cell width; the true
 # narrowest width (cds-healpix SMALLER_EDGE2OPEDGE_DIST) is 1.077x to 1.315x larger.
@@ -52,7 +54,7 @@ def ring_reach_arcsec(order: int) -> float:
 
 def coarse_order_for_threshold(threshold_arcsec: float) -> int:
     """The importer's default margin order: the largest order whose estimated minimum
-    cell width (hats ``order2mindist``) is at least the threshold, clipped to 0..29."""
+    cell width (hats ``order2mindist``) is at least the threshold, clipped to 0..MAX_ORDER."""
     fits = np.flatnonzero(_MINDIST_ARCSEC >= threshold_arcsec)
     return int(fits[-1]) if len(fits) else 0
 
@@ -69,6 +71,13 @@ WHOLE_SKY_ARCSEC = 180.0 * 3600.0
 def whole_sky_rings(order: int) -> int:
     """Neighbour rings at ``order`` that surely cover the whole sky from any cell."""
     return math.ceil(WHOLE_SKY_ARCSEC / ring_reach_arcsec(order))
+
+
+def one_ring_order(threshold_arcsec: float) -> int:
+    """The deepest order at which one ring of neighbours covers the threshold
+    (``ring_reach_arcsec(order) >= threshold``), clipped to 0..MAX_ORDER: the cheapest exact
+    candidate search (two rings cost about 2.5x one in the search, for half the candidates)."""
+    return coarse_order_for_threshold(threshold_arcsec / RING_SAFETY)
 
 
 def rings_needed(threshold_arcsec: float, order: int) -> int:
@@ -91,8 +100,9 @@ def nested_range_at(order: int, pixel, to_order: int = MAX_ORDER):
     return pixel << shift, (pixel + 1) << shift
 
 
-def _compact_even_bits(x: np.ndarray) -> np.ndarray:
-    """Keep the even bits of each uint64 and pack them together (Morton decode)."""
+def compact_even_bits(x: np.ndarray) -> np.ndarray:
+    """Keep the even bits of each uint64 and pack them together (Morton decode: a nested
+    index within its base face -> i, and of ``x >> 1`` -> j)."""
     x = x & np.uint64(0x5555555555555555)
     x = (x | (x >> np.uint64(1))) & np.uint64(0x3333333333333333)
     x = (x | (x >> np.uint64(2))) & np.uint64(0x0F0F0F0F0F0F0F0F)
@@ -107,7 +117,7 @@ def local_xy(cells: np.ndarray, cell_order: int, parent_order: int, parent_pixel
     order-``parent_order`` ancestor ``parent_pixel`` (nested bit de-interleave)."""
     depth = cell_order - parent_order
     sub = (np.asarray(cells, dtype=np.int64) - (np.int64(parent_pixel) << (2 * depth))).astype(np.uint64)
-    return _compact_even_bits(sub).astype(np.int64), _compact_even_bits(sub >> np.uint64(1)).astype(np.int64)
+    return compact_even_bits(sub).astype(np.int64), compact_even_bits(sub >> np.uint64(1)).astype(np.int64)
 
 
 def border_cell_mask(cells, cell_order: int, parent_order: int, parent_pixel: int, rings: int) -> np.ndarray:
@@ -284,27 +294,25 @@ def negative_tree(orders, pixels) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(out_orders, dtype=np.int64), np.asarray(out_pixels, dtype=np.int64)
 
 
-def cell_centres_and_radii(cells: np.ndarray, order: int):
-    """Centre (ra_deg, dec_deg) of each cell and a radius (arcsec) enclosing the whole cell.
-
-    The radius is the largest centre-to-boundary distance over 16 boundary points (corners and
-    edge points), times 1.05: HEALPix cells are near-convex quadrilaterals whose farthest
-    points are their corners, so this bounds the cell with room to spare.
-    """
-    cells = np.asarray(cells, dtype=np.uint64)
-    cds = _cds()
-    lon, lat = cds.healpix_to_lonlat(cells, order)
-    ra, dec = lon.to_value("deg"), lat.to_value("deg")
-    v_lon, v_lat = cds.vertices(cells, order, step=4)
-    centre = _unit(ra, dec)[:, None, :]
-    boundary = _unit(v_lon.to_value("deg"), v_lat.to_value("deg"))
-    cross = np.linalg.norm(np.cross(centre, boundary), axis=-1)
-    dot = np.sum(centre * boundary, axis=-1)
-    radius_arcsec = np.degrees(np.arctan2(cross, dot)).max(axis=1) * 3600.0
-    return ra, dec, radius_arcsec * 1.05 + 1e-6
+def sincos_deg(angle_deg):
+    """sin and cos of angles in degrees, reducing exactly by quadrants before converting
+    (so multiples of 90 deg give exact 0 and +-1)."""
+    angle_deg = np.asarray(angle_deg, dtype=np.float64)
+    q = np.rint(angle_deg * (1.0 / 90.0))
+    r = np.deg2rad(angle_deg - 90.0 * q)  # a - 90 q is exact (Sterbenz); |r| <= ~pi/4
+    s = np.sin(r)
+    c = np.cos(r)
+    k = np.fmod(np.where(np.isfinite(q), q, 0.0), 4.0).astype(np.int64) & 3  # quadrant
+    swap = (k & 1).astype(bool)
+    sin_out = np.where(swap, c, s)
+    cos_out = np.where(swap, s, c)
+    sin_sign = 1 - 2 * (k >> 1)
+    cos_sign = 1 - 2 * ((k ^ (k >> 1)) & 1)
+    return sin_out * sin_sign, cos_out * cos_sign
 
 
-def _unit(ra_deg, dec_deg) -> np.ndarray:
-    """Unit vectors (..., 3) of the given ra/dec in degrees."""
-    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
-    return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
+def unit_vectors(ra_deg, dec_deg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit vectors ``(x, y, z)`` of (ra, dec) in degrees, as three arrays."""
+    sr, cr = sincos_deg(ra_deg)
+    sd, cd = sincos_deg(dec_deg)
+    return cd * cr, cd * sr, sd

@@ -32,6 +32,7 @@ from upath import UPath
 from hats_margin import artifact, notify, runner
 from hats_margin.arguments import MarginCacheArguments
 from hats_margin.errors import ArgumentError, OutputExistsError, StageFailedError
+from hats_margin.geometry import MAX_ORDER
 from hats_margin.io import read_json, remove_tree
 from hats_margin.prechecks import exists_message, precheck
 from hats_margin.resume import LOCK_NAME, OutputLock, fingerprint_digest, prepare_intermediate
@@ -446,7 +447,7 @@ def _reduce_tasks(plan, map_results: dict[str, dict]) -> list:
     write_kwargs = margin_write_kwargs(catalog.schema, catalog.healpix_column, args.write_table_kwargs)
     tasks = []
     for dest, items in sources.items():
-        items.sort(key=lambda s: s[1] << (2 * (29 - s[0])))
+        items.sort(key=lambda s: s[1] << (2 * (MAX_ORDER - s[0])))
         tasks.append(
             reducing.ReduceTask(
                 key=f"{prefix}{dest[0]}_{dest[1]}",

@@ -1,6 +1,7 @@
 """Precise great-circle distance from points to the closed region of one nested HEALPix pixel.
 
-Pure, vectorised geometry (numpy + cdshealpix only): no I/O, no dask, no pandas.
+Pure, vectorised geometry (numpy + cdshealpix, constants and helpers from geometry): no I/O,
+no dask, no pandas.
 
 Public API
 ----------
@@ -9,6 +10,12 @@ Public API
     pixel ``pixel`` at ``order``; exactly ``0.0`` for points inside it.
 ``within_threshold_of_pixel(ra_deg, dec_deg, order, pixel, threshold_arcsec) -> bool ndarray``
     ``distance <= threshold_arcsec``.
+``cell_caps(cells, order) -> (ra_deg, dec_deg, radius_arcsec)``
+    Centre of many cells and a certified radius enclosing each whole cell (the whole-cell
+    decisions of ``exact_filter`` rest on it).
+
+Both distance functions take ``known_outside=True``: the caller promises no point is in the
+pixel, and the inside lookup is skipped.
 
 Both broadcast ``ra_deg`` against ``dec_deg`` and return an array of the broadcast shape.
 Non-finite coordinates give ``nan`` / ``False``; ``|dec| > 90`` raises ``ValueError``.
@@ -56,7 +63,13 @@ Method
   this removes the only flat case (points 90 deg away are equidistant from such an edge).
 * ``within_threshold_of_pixel`` first applies a cap pre-filter (chord to the pixel centre vs.
   threshold and threshold + certified circumradius) and the inside test, so points away from
-  the threshold band never touch the boundary.
+  the threshold band never touch the boundary. Then a polyline bracket (``_Polyline``): the
+  boundary as straight chords between evaluated boundary points, each within ``M h^2 / 8`` of
+  its piece of edge (linear interpolation error, the same curvature bound ``M``), fine enough
+  for allowances of about threshold / 64. In one vectorised pass it accepts or rejects every
+  point whose distance is not within a few percent of the threshold; only those reach the
+  branch and bound (on a 1 M-row sky: the exact filter 1.8x faster at 10 arcsec, 1.7x at 60,
+  1.25x at 1, unchanged at 3600, where the bound's first stage already decides).
 * Work arrays are chunked to <= 2**21 entries (points x segments, tasks x sub-intervals).
 
 Measured speed (2 vCPU container shared with other jobs, numpy 2.4, best of 3 runs; pixel 4000
@@ -86,16 +99,20 @@ import cdshealpix.nested as _cds
 import numpy as np
 from astropy.coordinates import Latitude, Longitude
 
-__all__ = ["distance_to_pixel_arcsec", "within_threshold_of_pixel"]
+from hats_margin.geometry import MAX_ORDER, local_xy, unit_vectors
+
+__all__ = ["cell_caps", "distance_to_pixel_arcsec", "within_threshold_of_pixel"]
 
 ARCSEC_PER_RAD = 648000.0 / np.pi
 
-_MAX_ORDER = 29
 _COARSE_PER_EDGE = 8  # coarse segments per edge (32 around the pixel)
 _SPLIT = 4  # sub-intervals per task and refinement round
 _CHUNK_ENTRIES = 1 << 21  # bound on points x segments entries per work array
 _MAX_ROUNDS = 64
 _MAX_TASKS_PER_POINT = 256
+_POLY_COARSE = 8  # coarse chords per edge of the polyline bracket
+_POLY_MAX_FINE = 64  # at most this many fine chords per coarse one
+_POLY_TARGET = 1.0 / 64  # aim for fine allowances <= threshold / 64
 
 # Stop refining once upper - lower <= _TOL_ABS + _TOL_REL * upper (radians).
 _TOL_ABS = 2.5e-15  # ~5.2e-10 arcsec
@@ -115,28 +132,6 @@ _SQRT_HALF = float(np.sqrt(0.5))
 # --------------------------------------------------------------------------------------------
 # Small numeric helpers
 # --------------------------------------------------------------------------------------------
-def _sincos_deg(a):
-    """sin and cos of angles in degrees, reducing exactly by quadrants before converting."""
-    q = np.rint(a * (1.0 / 90.0))
-    r = np.deg2rad(a - 90.0 * q)  # a - 90 q is exact (Sterbenz); |r| <= ~pi/4
-    s = np.sin(r)
-    c = np.cos(r)
-    k = np.fmod(np.where(np.isfinite(q), q, 0.0), 4.0).astype(np.int64) & 3  # quadrant
-    swap = (k & 1).astype(bool)
-    sin_out = np.where(swap, c, s)
-    cos_out = np.where(swap, s, c)
-    sin_sign = 1 - 2 * (k >> 1)
-    cos_sign = 1 - 2 * ((k ^ (k >> 1)) & 1)
-    return sin_out * sin_sign, cos_out * cos_sign
-
-
-def _unit_vectors(ra_deg, dec_deg):
-    """Unit vector components (x, y, z) of points given in degrees (exact at multiples of 90 deg)."""
-    sr, cr = _sincos_deg(ra_deg)
-    sd, cd = _sincos_deg(dec_deg)
-    return cd * cr, cd * sr, sd
-
-
 def _angle_between(ax, ay, az, bx, by, bz):
     """Great-circle angle between unit vectors, 2 atan2(|a-b|, |a+b|): accurate at all angles."""
     dx, dy, dz = ax - bx, ay - by, az - bz
@@ -147,17 +142,6 @@ def _angle_between(ax, ay, az, bx, by, bz):
 def _chord_of(theta):
     """Chord length 2 sin(theta/2) for theta in [0, pi]."""
     return 2.0 * np.sin(0.5 * np.minimum(theta, np.pi))
-
-
-def _compact_bits(v: int) -> int:
-    """Keep the even bits of v, packed (nested index de-interleaving)."""
-    out = 0
-    bit = 0
-    while v:
-        out |= (v & 1) << bit
-        v >>= 2
-        bit += 1
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,9 +163,8 @@ class _PixelGeometry:
         n = 1 << order
         self.n = float(n)
         face = pixel >> (2 * order)
-        ipf = pixel & ((1 << (2 * order)) - 1)
-        i = _compact_bits(ipf)
-        j = _compact_bits(ipf >> 1)
+        fi, fj = local_xy(np.array([pixel]), order, 0, face)
+        i, j = int(fi[0]), int(fj[0])
         self.face, self.i, self.j = face, i, j
 
         if face < 4:
@@ -411,6 +394,94 @@ def _survive(bound_chord, cut, far):
 
 
 # --------------------------------------------------------------------------------------------
+# Polyline bracket: a cheap certified accept / reject before the branch and bound
+# --------------------------------------------------------------------------------------------
+def _segment_chords(px, py, pz, ax, ay, az, dx, dy, dz, inv_len2):
+    """Euclidean distance from points P to the straight segments A -> A + D (broadcast)."""
+    qx, qy, qz = px - ax, py - ay, pz - az
+    u = np.clip((qx * dx + qy * dy + qz * dz) * inv_len2, 0.0, 1.0)
+    ex, ey, ez = qx - u * dx, qy - u * dy, qz - u * dz
+    return np.sqrt(ex * ex + ey * ey + ez * ez)
+
+
+class _Polyline:
+    """The boundary as straight chords between boundary points, each with a certified
+    Hausdorff allowance, at two levels: ``_POLY_COARSE`` pieces per edge, and ``fine`` pieces
+    inside each of them.
+
+    For a piece [t0, t1] of an edge (h = t1 - t0) and the chord L between B(t0) and B(t1),
+    ``|B(t) - L(t)| <= M h^2 / 8`` (linear interpolation error of a vector function, M the
+    curvature bound of the piece): every boundary point is within that of the chord and every
+    chord point within that of the boundary. So ``min(|P - L| - eps)`` and ``min(|P - L| + eps)``
+    over the pieces bracket the chord from P to the boundary, which is the chord of the
+    distance to the pixel for points outside it.
+    """
+
+    def __init__(self, geom: _PixelGeometry, fine: int):
+        self.fine = fine
+        per_edge = _POLY_COARSE * fine
+        t = np.arange(per_edge + 1, dtype=np.float64) / per_edge
+        edge = np.repeat(np.arange(4), per_edge)
+        t_lo, t_hi = np.tile(t[:-1], 4), np.tile(t[1:], 4)
+        lo = geom.evaluate(edge, t_lo)
+        hi = geom.evaluate(edge, t_hi)
+        d = [b - a for a, b in zip(lo, hi)]
+        len2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+        inv = np.where(len2 > 0, 1.0 / np.where(len2 > 0, len2, 1.0), 0.0)
+        eps = geom.curvature_bound(edge, t_lo, t_hi) * (t_hi - t_lo) ** 2 * 0.125 * (1 + 1e-12) + _SLACK
+        shape = (4 * _POLY_COARSE, fine)
+        self.fine_parts = [c.reshape(shape) for c in (*lo, *d, inv, eps)]
+        # coarse pieces: chords between every fine-th point
+        c_lo_t = np.tile(t[:-1:fine], 4)
+        c_hi_t = np.tile(t[fine::fine], 4)
+        c_edge = np.repeat(np.arange(4), _POLY_COARSE)
+        lo = geom.evaluate(c_edge, c_lo_t)
+        hi = geom.evaluate(c_edge, c_hi_t)
+        d = [b - a for a, b in zip(lo, hi)]
+        len2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+        inv = np.where(len2 > 0, 1.0 / np.where(len2 > 0, len2, 1.0), 0.0)
+        eps = geom.curvature_bound(c_edge, c_lo_t, c_hi_t) * (c_hi_t - c_lo_t) ** 2 * 0.125 * (1 + 1e-12) + _SLACK
+        self.coarse_parts = (*lo, *d, inv, eps)
+
+    def bracket(self, px, py, pz, chord_in, chord_out):
+        """(surely_in, surely_out) for points outside the pixel: their chord to the boundary is
+        certainly <= ``chord_in`` / certainly > ``chord_out``. Points in neither need the
+        branch and bound."""
+        ax, ay, az, dx, dy, dz, inv, eps = self.coarse_parts
+        chord = _segment_chords(px[:, None], py[:, None], pz[:, None], ax, ay, az, dx, dy, dz, inv)
+        upper = (chord + eps).min(axis=1)
+        low = chord - eps
+        lower = low.min(axis=1)
+        surely_in = upper <= chord_in
+        surely_out = lower > chord_out
+        if self.fine == 1:
+            return surely_in, surely_out
+        open_ = ~surely_in & ~surely_out
+        # fine level, only on the coarse pieces that may hold a point nearer than both the best
+        # upper bound and the threshold
+        cut = np.minimum(upper, chord_out)[:, None]
+        point, piece = np.nonzero((low <= cut) & open_[:, None])
+        if point.size == 0:
+            return surely_in, surely_out
+        pair_upper = np.empty(point.size)
+        pair_lower = np.empty(point.size)
+        step = max(1, _CHUNK_ENTRIES // self.fine)
+        for lo in range(0, point.size, step):
+            pt, pc = point[lo : lo + step], piece[lo : lo + step]
+            fx, fy, fz, fdx, fdy, fdz, finv, feps = (c[pc] for c in self.fine_parts)
+            chord = _segment_chords(px[pt, None], py[pt, None], pz[pt, None], fx, fy, fz, fdx, fdy, fdz, finv)
+            pair_upper[lo : lo + step] = (chord + feps).min(axis=1)
+            pair_lower[lo : lo + step] = (chord - feps).min(axis=1)
+        starts = np.flatnonzero(np.r_[True, point[1:] != point[:-1]])
+        owners = point[starts]
+        upper_f = np.minimum.reduceat(pair_upper, starts)
+        lower_f = np.minimum.reduceat(pair_lower, starts)
+        surely_in[owners] |= upper_f <= chord_in
+        surely_out[owners] |= lower_f > chord_out
+        return surely_in, surely_out
+
+
+# --------------------------------------------------------------------------------------------
 # Branch and bound over the boundary
 # --------------------------------------------------------------------------------------------
 class _Solver:
@@ -457,9 +528,24 @@ class _Solver:
                 self.meridians.append(
                     (float(mx[0]) / rm, float(my[0]) / rm, float(theta.min()), float(theta.max()), ends)
                 )
+        self.polylines: dict[int, _Polyline] = {}
         self.c_skip = np.isin(
             self.c_edge, [e for e in range(4) if geom.zone[e] != _ZONE_EQ and geom.a[e] == 0.0]
         )
+
+    def polyline(self, thr: float) -> _Polyline:
+        """The polyline bracket fine enough for threshold ``thr`` (radians): fine allowances
+        about ``thr * _POLY_TARGET`` (at most ``_POLY_MAX_FINE`` fine chords per coarse one)."""
+        h0 = 1.0 / _POLY_COARSE
+        m_max = float(np.max(self.g.curvature_bound(self.c_edge, self.c_lo, self.c_hi)))
+        want = h0 * np.sqrt(m_max / (8.0 * _POLY_TARGET * max(thr, 1e-300)))
+        fine = 1
+        while fine < want and fine < _POLY_MAX_FINE:
+            fine *= 2
+        poly = self.polylines.get(fine)
+        if poly is None:
+            poly = self.polylines[fine] = _Polyline(self.g, fine)
+        return poly
 
     def _meridian_distance(self, px, py, pz, merid):
         """Exact distance from points to a meridian arc (great circle through the pole)."""
@@ -651,8 +737,8 @@ def _check_pixel(order, pixel):
         raise TypeError("order and pixel must be integers")
     order = int(order)
     pixel = int(pixel)
-    if not 0 <= order <= _MAX_ORDER:
-        raise ValueError(f"order must be in [0, {_MAX_ORDER}], got {order}")
+    if not 0 <= order <= MAX_ORDER:
+        raise ValueError(f"order must be in [0, {MAX_ORDER}], got {order}")
     if not 0 <= pixel < 12 * 4**order:
         raise ValueError(f"pixel {pixel} out of range for order {order}")
     return order, pixel
@@ -666,7 +752,7 @@ def _solver_for(order: int, pixel: int) -> _Solver:
     key = (order, pixel)
     solver = _GEOMETRY_CACHE.get(key)
     if solver is None:
-        if len(_GEOMETRY_CACHE) > 256:
+        if len(_GEOMETRY_CACHE) > 1024:  # a map worker meets each destination many times
             _GEOMETRY_CACHE.clear()
         solver = _Solver(_PixelGeometry(order, pixel))
         _GEOMETRY_CACHE[key] = solver
@@ -700,11 +786,15 @@ def _chunk_size():
     return max(1024, _CHUNK_ENTRIES // (4 * _COARSE_PER_EDGE))
 
 
-def distance_to_pixel_arcsec(ra_deg: np.ndarray, dec_deg: np.ndarray, order: int, pixel: int) -> np.ndarray:
+def distance_to_pixel_arcsec(
+    ra_deg: np.ndarray, dec_deg: np.ndarray, order: int, pixel: int, *, known_outside: bool = False
+) -> np.ndarray:
     """Great-circle distance (float64 arcsec) from each point to the closed region of a pixel.
 
     ``0.0`` for points inside the pixel (cdshealpix assignment at ``order``); ``nan`` for
     non-finite coordinates. Accuracy: ``|error| <= 1e-9 arcsec + 1e-9 * distance``.
+    ``known_outside=True`` is the caller's promise that no point lies in the pixel: the inside
+    lookup is skipped (a point inside would get its distance to the boundary instead of 0).
     """
     order, pixel = _check_pixel(order, pixel)
     ra, dec, finite, shape = _prepare_points(ra_deg, dec_deg)
@@ -717,11 +807,11 @@ def distance_to_pixel_arcsec(ra_deg: np.ndarray, dec_deg: np.ndarray, order: int
     for start in range(0, idx_all.size, chunk):
         idx = idx_all[start : start + chunk]
         r, d = ra[idx], dec[idx]
-        inside = _inside(r, d, order, pixel)
+        inside = np.zeros(idx.size, dtype=bool) if known_outside else _inside(r, d, order, pixel)
         out[idx[inside]] = 0.0
         outside = ~inside
         if np.any(outside):
-            px, py, pz = _unit_vectors(r[outside], d[outside])
+            px, py, pz = unit_vectors(r[outside], d[outside])
             ub, _ = solver.solve(px, py, pz)
             out[idx[outside]] = ub * ARCSEC_PER_RAD
     return out.reshape(shape)
@@ -757,11 +847,14 @@ def within_threshold_of_pixel(
     chord_in = _chord_of(thr) * (1.0 - 1e-12) - 4e-16
     reach = thr + solver.circumradius
     chord_out = _chord_of(reach) * (1.0 + 1e-12) + 4e-16 if reach < np.pi else np.inf
+    # Polyline bracket on the boundary chord itself, then the branch and bound for the rest.
+    chord_out_exact = _chord_of(thr) * (1.0 + 1e-12) + 4e-16
+    poly = solver.polyline(thr)
     chunk = 4 * _chunk_size()
     for start in range(0, idx_all.size, chunk):
         idx = idx_all[start : start + chunk]
         r, d = ra[idx], dec[idx]
-        px, py, pz = _unit_vectors(r, d)
+        px, py, pz = unit_vectors(r, d)
         ex, ey, ez = px - cx, py - cy, pz - cz
         chord = np.sqrt(ex * ex + ey * ey + ez * ez)
         near = chord <= chord_in
@@ -776,6 +869,53 @@ def within_threshold_of_pixel(
         small = _chunk_size()
         for s0 in range(0, todo.size, small):
             sel = todo[s0 : s0 + small]
-            _, decided = solver.solve(px[sel], py[sel], pz[sel], thr=thr)
-            out[idx[sel[decided]]] = True
+            surely_in, surely_out = poly.bracket(px[sel], py[sel], pz[sel], chord_in, chord_out_exact)
+            out[idx[sel[surely_in]]] = True
+            sel = sel[~surely_in & ~surely_out]
+            if sel.size:
+                _, decided = solver.solve(px[sel], py[sel], pz[sel], thr=thr)
+                out[idx[sel[decided]]] = True
     return out.reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Certified caps around many cells at once
+# --------------------------------------------------------------------------------------------
+_CAP_STEP = 4  # boundary samples per cell edge for cell_caps (allowance ~2% of the radius)
+
+
+def cell_caps(cells, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centre ``(ra_deg, dec_deg)`` of each nested cell at ``order`` and a certified radius
+    (arcsec): every point of the closed cell is within that radius of the centre.
+
+    The boundary is sampled ``_CAP_STEP`` times per edge (``cdshealpix.nested.vertices``, even
+    steps of the face coordinate). Between two samples the edge stays within ``M h^2 / 8`` of
+    the straight chord joining them (linear interpolation error, ``h = 1 / (n step)`` in face
+    units, ``M`` the curvature bound of ``_PixelGeometry.curvature_bound``: 2 in the equatorial
+    zone and ``1.65 + 2.02 a^2 / sigma^3 <= 1.65 + 2.02 n`` in the polar caps, since
+    ``sigma >= a >= 1 / n`` on edges off the face border and ``a = 0`` on it). The chord is
+    farthest from the centre at an end point (convexity), so ``max sample chord + M h^2 / 8``
+    bounds the centre-boundary chord, and the farthest point of a cell (smaller than a
+    hemisphere) from an interior point is on its boundary.
+    """
+    cells = np.asarray(cells, dtype=np.uint64)
+    if cells.size == 0:
+        empty = np.zeros(0)
+        return empty, empty.copy(), empty.copy()
+    n = float(1 << int(order))
+    lon, lat = _cds.healpix_to_lonlat(cells, int(order))
+    ra, dec = lon.to_value("deg"), lat.to_value("deg")
+    v_lon, v_lat = _cds.vertices(cells, int(order), step=_CAP_STEP)
+    cx, cy, cz = unit_vectors(ra, dec)
+    # plain trigonometry: its ~1e-16 rounding is covered by the final slack
+    v_lon, v_lat = v_lon.to_value("rad"), v_lat.to_value("rad")
+    cos_lat = np.cos(v_lat)
+    dx = cos_lat * np.cos(v_lon) - cx[:, None]
+    dy = cos_lat * np.sin(v_lon) - cy[:, None]
+    dz = np.sin(v_lat) - cz[:, None]
+    farthest = np.sqrt((dx * dx + dy * dy + dz * dz).max(axis=1))
+    curvature = max(_M_EQUATORIAL, _M_POLAR_CONST + _M_POLAR_COEF * n)
+    allowance = curvature / (8.0 * (n * _CAP_STEP) ** 2)
+    chord = (farthest + allowance) * (1.0 + 1e-12) + 4e-16
+    radius = 2.0 * np.arcsin(np.minimum(0.5 * chord, 1.0)) * (1.0 + 1e-12)
+    return ra, dec, radius * ARCSEC_PER_RAD

@@ -2,7 +2,7 @@
 
 Row group by row group (memory bounded by one row group): read the spatial index (and ra/dec in
 exact mode), find candidate (row, destination) pairs from the nested bits
-(geometry.candidate_pairs), in exact mode keep those within the threshold (pixel_distance), and
+(geometry.candidate_pairs), in exact mode keep those within the threshold (exact_filter), and
 only then decode the other columns to send the selected rows to the task's single shard
 (io.ShardWriters). The done marker records the rows and the shard's record batches per
 destination, for the reduce tasks.
@@ -21,6 +21,7 @@ from upath import UPath
 from hats_margin import geometry
 from hats_margin.checks import check_coordinates
 from hats_margin.errors import InputCatalogError
+from hats_margin.exact_filter import pairs_within_threshold
 from hats_margin.io import (
     ShardWriters,
     TempLayout,
@@ -33,7 +34,6 @@ from hats_margin.io import (
     read_row_group,
     write_json,
 )
-from hats_margin.pixel_distance import distance_to_pixel_arcsec, within_threshold_of_pixel
 
 logger = logging.getLogger(__name__)
 
@@ -269,68 +269,11 @@ def _check_rows_in_partition(task, path, spatial_index):
 def _exact_filter(task, dests, ra, dec, spatial_index, rows, dest_idx, threshold=None):
     """Keep the (row, destination) pairs within ``threshold`` (default: the task's) of the destination."""
     threshold = task.threshold_arcsec if threshold is None else threshold
-    keep = np.zeros(len(rows), dtype=bool)
-    for lo, hi in _runs(dest_idx):
-        dest = (int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
-        sel = rows[lo:hi]
-        if len(sel) >= _CELL_TEST_MIN_ROWS:
-            keep[lo:hi] = _within_by_cells(task, ra[sel], dec[sel], spatial_index[sel], dest, threshold)
-        else:
-            keep[lo:hi] = within_threshold_of_pixel(ra[sel], dec[sel], *dest, threshold, known_outside=True)
+    keep = pairs_within_threshold(
+        ra, dec, spatial_index, task.healpix_order, max(task.search_order, task.source[0]),
+        rows, dest_idx, dests, threshold,
+    )
     return rows[keep], dest_idx[keep]
-
-
-_CELL_TEST_MIN_ROWS = 2000
-
-
-def _within_by_cells(task, ra, dec, spatial_index, dest, threshold) -> np.ndarray:
-    """Decide whole fine cells at once where the threshold is far from them.
-
-    Distance to a region is 1-Lipschitz, so every point of a cell with centre c and
-    circumradius r is within ``d(c) +- r``: cells with ``d(c) <= thr - r`` are all in,
-    cells with ``d(c) > thr + r`` all out; only rows of the cells in between are tested
-    one by one. Exact, and much cheaper when many rows share few cells.
-    """
-    order = min(task.healpix_order, max(task.search_order, geometry.coarse_order_for_threshold(threshold / 16)))
-    cells = spatial_index.astype(np.int64) >> (2 * (task.healpix_order - order))
-    unique, row_cell = np.unique(cells, return_inverse=True)
-    if len(unique) * 4 > len(cells):
-        return within_threshold_of_pixel(ra, dec, *dest, threshold, known_outside=True)
-    c_ra, c_dec, radius = geometry.cell_centres_and_radii(unique, order)
-    inner = np.maximum(threshold - radius, 0.0)
-    all_in = np.zeros(len(unique), dtype=bool)
-    positive = inner > 0
-    all_in[positive] = _within_varying(c_ra[positive], c_dec[positive], dest, inner[positive])
-    any_in = _within_varying(c_ra, c_dec, dest, threshold + radius)
-    decided_in = all_in[row_cell]
-    undecided = any_in[row_cell] & ~decided_in
-    result = decided_in.copy()
-    if undecided.any():
-        result[undecided] = within_threshold_of_pixel(
-            ra[undecided], dec[undecided], *dest, threshold, known_outside=True
-        )
-    return result
-
-
-def _within_varying(ra, dec, dest, thresholds) -> np.ndarray:
-    """within_threshold_of_pixel with one threshold per point (thresholds vary a little with
-    the cell radius, so test against their max and refine the few borderline points)."""
-    if len(ra) == 0:
-        return np.zeros(0, dtype=bool)
-    hi = float(thresholds.max())
-    lo = float(thresholds.min())
-    maybe = within_threshold_of_pixel(ra, dec, *dest, hi, known_outside=True)
-    if lo == hi or not maybe.any():
-        return maybe
-    surely = within_threshold_of_pixel(ra[maybe], dec[maybe], *dest, lo, known_outside=True)
-    result = np.zeros(len(ra), dtype=bool)
-    idx = np.flatnonzero(maybe)
-    result[idx[surely]] = True
-    borderline = idx[~surely]
-    if len(borderline):
-        dist = distance_to_pixel_arcsec(ra[borderline], dec[borderline], *dest)
-        result[borderline] = dist <= thresholds[borderline]
-    return result
 
 
 def _runs(sorted_keys: np.ndarray):

@@ -165,7 +165,7 @@ def open_input(path) -> InputCatalog:
         )
     schema = read_input_schema(path)
     healpix_column = properties.healpix_column or ("_healpix_29" if "_healpix_29" in schema.names else None)
-    healpix_order = properties.healpix_order if properties.healpix_order is not None else 29
+    healpix_order = properties.healpix_order if properties.healpix_order is not None else geometry.MAX_ORDER
     if healpix_column is None or healpix_column not in schema.names:
         raise InputCatalogError(
             f"{path} has no spatial index column ({healpix_column or 'hats_col_healpix not set, no _healpix_29'}"
@@ -358,7 +358,7 @@ def make_map_tasks(plan: Plan) -> list[MapTask]:
     tasks = []
     # exact mode: the order only sets speed; a margin_order much finer than the threshold would
     # need thousands of neighbour rings, so search no finer than the threshold's own order
-    fitting = geometry.coarse_order_for_threshold(plan.threshold_arcsec)
+    fitting = geometry.one_ring_order(plan.threshold_arcsec)
     for order, pixel in catalog.partitions:
         tiles = reach[(order, pixel)]
         if args.fine_filtering:

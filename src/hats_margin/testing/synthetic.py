@@ -33,6 +33,9 @@ from hats.io.file_io import get_parquet_write_table_kwargs
 from hats.pixel_math.healpix_pixel import HealpixPixel
 from hats.pixel_math.healpix_pixel_function import sort_pixels
 
+from hats_margin.geometry import MAX_ORDER, unit_vectors
+from hats_margin.io import dir_number
+
 __all__ = [
     "SPATIAL_INDEX_COLUMN",
     "SPATIAL_INDEX_ORDER",
@@ -44,7 +47,7 @@ __all__ = [
 ]
 
 SPATIAL_INDEX_COLUMN = "_healpix_29"
-SPATIAL_INDEX_ORDER = 29
+SPATIAL_INDEX_ORDER = MAX_ORDER
 
 _DEC_THREE_PIXEL_DEG = math.degrees(math.asin(2.0 / 3.0))  # 41.8103...
 THREE_PIXEL_VERTICES_DEG = tuple(
@@ -146,7 +149,7 @@ def _breadth_first(orders: np.ndarray, pixels: np.ndarray) -> np.ndarray:
 
 def _relative_file(order: int, pixel: int, npix_suffix: str) -> str:
     """Path of a partition's parquet file, relative to ``dataset/``."""
-    leaf = f"Norder={order}/Dir={HealpixPixel(order, pixel).dir}/Npix={pixel}"
+    leaf = f"Norder={order}/Dir={dir_number(pixel)}/Npix={pixel}"
     if npix_suffix in ("/", "\\"):
         return f"{leaf}/part0.parquet"
     return f"{leaf}{npix_suffix}"
@@ -219,7 +222,7 @@ def write_hats_catalog(
         raise ValueError(f"max_rows_per_partition must be >= 1, got {max_rows_per_partition}")
     if not 0 <= lowest_order <= highest_order <= SPATIAL_INDEX_ORDER:
         raise ValueError(
-            f"need 0 <= lowest_order <= highest_order <= 29, got {lowest_order}, {highest_order}"
+            f"need 0 <= lowest_order <= highest_order <= {SPATIAL_INDEX_ORDER}, got {lowest_order}, {highest_order}"
         )
     if row_group_size < 1:
         raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
@@ -322,8 +325,7 @@ def points_table(ra_deg, dec_deg, **extra_columns) -> pa.Table:
 
 def _unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
     """Unit vectors (n, 3) of ra/dec in degrees."""
-    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
-    return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
+    return np.stack(unit_vectors(ra_deg, dec_deg), axis=-1)
 
 
 def _to_radec(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
