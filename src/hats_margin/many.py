@@ -20,22 +20,17 @@ from __future__ import annotations
 import logging
 import time
 
-from hats_margin import notify, runner
+from hats_margin import notify, resume, runner
 from hats_margin.errors import OutputExistsError, StageFailedError
 from hats_margin.io import read_json
 from hats_margin.orchestrator import (
-    _COMPLETE,
     ManyMarginsResult,
     MarginCacheResult,
     _complete_earlier_run,
-    _done_keys,
-    _prepare_output,
     _Prepared,
-    _publish,
     _reduce_tasks,
 )
 from hats_margin.prechecks import precheck
-from hats_margin.resume import OutputLock
 
 logger = logging.getLogger(__name__)
 
@@ -88,22 +83,15 @@ def _prepare_many(args, clock) -> list[_Prepared]:
             try:
                 for plan in plans:
                     planning.warn_on_large_margin(plan)
-                    lock = OutputLock(plan.args.catalog_path, plan.fingerprint)
-                    lock.acquire()
-                    try:
-                        resumed = _prepare_output(plan, lock)
-                    except BaseException:
-                        lock.release()
-                        raise
-                    prepared.append(_Prepared(plan, lock, resumed))
+                    prepared.append(_Prepared(plan, resume.start(plan)))
                     bar.update(1)
             except BaseException:
                 for item in prepared:
                     item.lock.release()
                 raise
     lead = next(p for p in prepared if p.plan.margin_index == 0)
-    unfinished = [p.plan.args.output_artifact_name for p in prepared if p.resumed != _COMPLETE]
-    if lead.resumed == _COMPLETE and unfinished:
+    unfinished = [p.plan.args.output_artifact_name for p in prepared if not p.start.complete]
+    if lead.start.complete and unfinished:
         for item in prepared:
             item.lock.release()
         raise OutputExistsError(
@@ -121,10 +109,10 @@ def _execute_many(prepared: list[_Prepared], client, clock) -> list[MarginCacheR
 
     lead = next(p for p in prepared if p.plan.margin_index == 0).plan
     args = lead.args
-    todo_margins = [p for p in prepared if p.resumed != _COMPLETE]
+    todo_margins = [p for p in prepared if not p.start.complete]
     results: dict[str, MarginCacheResult] = {}
     for item in prepared:
-        if item.resumed == _COMPLETE:  # a dead run of the same margins had written it
+        if item.start.complete:  # a dead run of the same margins had written it
             results[item.plan.args.output_artifact_name] = _complete_earlier_run(item.plan, clock)
     if todo_margins:
         hint = (
@@ -132,9 +120,9 @@ def _execute_many(prepared: list[_Prepared], client, clock) -> list[MarginCacheR
             + ", ".join(str(p.plan.layout.base) for p in todo_margins)
             + "."
         )
-        lead_resumed = next(p for p in prepared if p.plan.margin_index == 0).resumed
+        lead_start = next(p for p in prepared if p.plan.margin_index == 0).start
         with clock("mapping"):
-            done = _done_keys(lead.layout.base / "mapping") if lead_resumed else set()
+            done = lead_start.done("mapping")
             todo = [t for t in lead.map_tasks if t.key not in done]
             skipped_map = len(lead.map_tasks) - len(todo)
             map_results = runner.run_stage(
@@ -148,7 +136,7 @@ def _execute_many(prepared: list[_Prepared], client, clock) -> list[MarginCacheR
         with clock("reducing"):
             todo, skipped = [], 0
             for item in todo_margins:
-                done = _done_keys(item.plan.layout.base / "reducing") if item.resumed else set()
+                done = item.start.done("reducing")
                 prefix = f"{item.plan.margin_index}:"
                 for task in reduce_tasks[id(item)]:
                     if task.key[len(prefix):] in done:
@@ -171,7 +159,7 @@ def _execute_many(prepared: list[_Prepared], client, clock) -> list[MarginCacheR
                     bar.update(1)
                 for item in ranked:
                     finishing.clean_up(item.plan)
-                    _publish(item.plan)
+                    resume.publish(item.plan)
                     bar.update(1)
             except Exception as exc:
                 raise StageFailedError("finishing", {"finishing": exc}, hint) from exc

@@ -1,11 +1,9 @@
-"""Resume safety: a fingerprint of everything that determines the output, and the output lock.
+"""The intermediate directory of a run: its fingerprint in ``run.json``, resumed or discarded.
 
 A run records its fingerprint in ``<intermediate>/run.json`` before any task runs. A later
 run with ``resume=True`` continues only if every value matches; otherwise it refuses and
 names the values that changed. ``resume=False`` deletes only this run's own intermediate
-directory. The output lock lives in ``lock.py`` (re-exported here); it records the run's
-fingerprint and phase, so the next run can tell that a dead run had finished writing its
-catalog (and only its clean-up is left).
+directory.
 
 Invariant: while ``run.json`` exists, everything a done marker claims exists too. So
 intermediate files are always discarded ``run.json`` first, and a directory without
@@ -22,7 +20,6 @@ import time
 
 from hats_margin.errors import OutputExistsError, ResumeMismatchError
 from hats_margin.io import TempLayout, read_json, write_json
-from hats_margin.lock import LOCK_NAME, OutputLock, fingerprint_digest  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +86,15 @@ def _describe_change(layout: TempLayout, key: str, was, now) -> str | None:
             "resuming would mix old and new rows)"
         )
     return f"{key} (was {was!r}, now {now!r})"
+
+
+def done_keys(layout: TempLayout, stage: str) -> set[str]:
+    """Keys (file names without ``.json``) of the done markers of ``stage`` ("mapping" or
+    "reducing") in ``layout``; empty if there are none yet."""
+    directory = layout.base / stage
+    if not directory.exists():
+        return set()
+    return {p.name[: -len(".json")] for p in directory.iterdir() if p.name.endswith(".json")}
 
 
 def discard_intermediate(layout: TempLayout):
