@@ -28,7 +28,6 @@ from hats_margin.orchestrator import (
     MarginCacheResult,
     _complete_earlier_run,
     _Prepared,
-    _reduce_tasks,
 )
 from hats_margin.prechecks import precheck
 
@@ -105,7 +104,7 @@ def _prepare_many(args, clock) -> list[_Prepared]:
 def _execute_many(prepared: list[_Prepared], client, clock) -> list[MarginCacheResult]:
     """Map once (the largest margin's tasks), reduce every unfinished margin, finish each (largest
     last), then clean up and publish each (largest last)."""
-    from hats_margin.stages import finishing, mapping, reducing
+    from hats_margin.stages import finishing, mapping, planning, reducing
 
     lead = next(p for p in prepared if p.plan.margin_index == 0).plan
     args = lead.args
@@ -132,7 +131,7 @@ def _execute_many(prepared: list[_Prepared], client, clock) -> list[MarginCacheR
             for task in lead.map_tasks:
                 if task.key not in map_results:
                     map_results[task.key] = read_json(lead.layout.map_marker(*task.source))
-        reduce_tasks = {id(p): _reduce_tasks(p.plan, map_results) for p in todo_margins}
+        reduce_tasks = {id(p): planning.make_reduce_tasks(p.plan, map_results) for p in todo_margins}
         with clock("reducing"):
             todo, skipped = [], 0
             for item in todo_margins:

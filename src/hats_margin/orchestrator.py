@@ -31,7 +31,6 @@ from upath import UPath
 from hats_margin import notify, resume, runner
 from hats_margin.arguments import MarginCacheArguments
 from hats_margin.errors import ArgumentError, StageFailedError
-from hats_margin.geometry import MAX_ORDER
 from hats_margin.io import read_json
 from hats_margin.prechecks import precheck
 
@@ -204,7 +203,7 @@ def _prepare(args: MarginCacheArguments, clock: runner.StageClock) -> _Prepared:
 
 def _execute(prepared: _Prepared, client: Client, clock: runner.StageClock) -> MarginCacheResult:
     """Map, reduce and finish on the cluster (the lock is held by the caller)."""
-    from hats_margin.stages import finishing, mapping, reducing
+    from hats_margin.stages import finishing, mapping, planning, reducing
 
     plan, start = prepared.plan, prepared.start
     args = plan.args
@@ -224,7 +223,7 @@ def _execute(prepared: _Prepared, client: Client, clock: runner.StageClock) -> M
             if task.key not in results:
                 results[task.key] = read_json(plan.layout.map_marker(*task.source))
         no_position = _warn_rows_without_coordinates(results, args.fine_filtering)
-    reduce_tasks = _reduce_tasks(plan, results)
+    reduce_tasks = planning.make_reduce_tasks(plan, results)
     with clock("reducing"):
         done = start.done("reducing")
         todo = [t for t in reduce_tasks if t.key not in done]
@@ -295,45 +294,3 @@ def _complete_earlier_run(plan: Plan, clock: runner.StageClock) -> MarginCacheRe
         skipped_tasks={"mapping": len(plan.map_tasks), "reducing": len(pixels)},
     )
     return result
-
-
-def _reduce_tasks(plan, map_results: dict[str, dict]) -> list:
-    """One :class:`ReduceTask` per margin pixel that received rows, from the map tasks' markers
-    (several margins: only this plan's, read from the shared shards).
-
-    Each task's sources are sorted by spatial-index range, so its file comes out sorted; the
-    tasks are returned largest first.
-    """
-    from hats_margin.io import margin_write_kwargs, output_file
-    from hats_margin.stages import reducing
-
-    args, catalog = plan.args, plan.catalog
-    prefix = "" if plan.margin_index is None else f"{plan.margin_index}:"
-    sources: dict[tuple[int, int], list[tuple[int, int, tuple[int, ...], int]]] = {}
-    for payload in map_results.values():
-        source = tuple(payload["source"])
-        batches = payload.get("batches", {})
-        for key, n in payload["rows"].items():
-            if n and key.startswith(prefix) and (prefix or ":" not in key):
-                dest = tuple(int(x) for x in key[len(prefix):].split("_"))
-                sources.setdefault(dest, []).append((*source, tuple(batches[key]), n))
-    write_kwargs = margin_write_kwargs(catalog.schema, catalog.healpix_column, args.write_table_kwargs)
-    tasks = []
-    for dest, items in sources.items():
-        items.sort(key=lambda s: s[1] << (2 * (MAX_ORDER - s[0])))
-        tasks.append(
-            reducing.ReduceTask(
-                key=f"{prefix}{dest[0]}_{dest[1]}",
-                pixel=dest,
-                sources=tuple((o, p, b) for o, p, b, _ in items),
-                expected_rows=sum(n for *_, n in items),
-                output_file=output_file(plan.build_path, *dest, args.npix_suffix, args.npix_parquet_name),
-                schema=catalog.schema,
-                healpix_column=catalog.healpix_column,
-                write_kwargs=write_kwargs,
-                layout=plan.layout,
-                shard_layout=plan.shard_layout,
-            )
-        )
-    tasks.sort(key=lambda t: -t.expected_rows)
-    return tasks

@@ -1,4 +1,5 @@
-"""Planning: check the input, resolve the margin order, and give each map task its own small spec.
+"""Planning: check the input, resolve the margin order, give each map task its own small spec,
+and (once the map tasks have run) one reduce task per margin pixel from their markers.
 
 Cost is O(partitions): the destination tiling (partitions + negative tree) is built once,
 and the destinations each source partition can reach come from one vectorised
@@ -29,6 +30,8 @@ from hats_margin.io import (
     leaf_files,
     leaf_path,
     lists_partitions,
+    margin_write_kwargs,
+    output_file,
     partition_identities,
     read_input_schema,
     scan_leaves,
@@ -36,6 +39,7 @@ from hats_margin.io import (
 from hats_margin.prechecks import check_input_directory, check_output_directories, check_path_relations
 from hats_margin.resume import digest
 from hats_margin.stages.mapping import MapTask
+from hats_margin.stages.reducing import ReduceTask
 
 logger = logging.getLogger(__name__)
 
@@ -389,4 +393,43 @@ def make_map_tasks(plan: Plan) -> list[MapTask]:
         )
     # biggest first keeps both workers busy until the end
     tasks.sort(key=lambda t: t.source[0])
+    return tasks
+
+
+def make_reduce_tasks(plan: Plan, map_results: dict[str, dict]) -> list[ReduceTask]:
+    """One :class:`ReduceTask` per margin pixel that received rows, from the map tasks' markers
+    (several margins: only this plan's, read from the shared shards).
+
+    Each task's sources are sorted by spatial-index range, so its file comes out sorted; the
+    tasks are returned largest first.
+    """
+    args, catalog = plan.args, plan.catalog
+    prefix = "" if plan.margin_index is None else f"{plan.margin_index}:"
+    sources: dict[tuple[int, int], list[tuple[int, int, tuple[int, ...], int]]] = {}
+    for payload in map_results.values():
+        source = tuple(payload["source"])
+        batches = payload.get("batches", {})
+        for key, n in payload["rows"].items():
+            if n and key.startswith(prefix) and (prefix or ":" not in key):
+                dest = tuple(int(x) for x in key[len(prefix):].split("_"))
+                sources.setdefault(dest, []).append((*source, tuple(batches[key]), n))
+    write_kwargs = margin_write_kwargs(catalog.schema, catalog.healpix_column, args.write_table_kwargs)
+    tasks = []
+    for dest, items in sources.items():
+        items.sort(key=lambda s: s[1] << (2 * (geometry.MAX_ORDER - s[0])))
+        tasks.append(
+            ReduceTask(
+                key=f"{prefix}{dest[0]}_{dest[1]}",
+                pixel=dest,
+                sources=tuple((o, p, b) for o, p, b, _ in items),
+                expected_rows=sum(n for *_, n in items),
+                output_file=output_file(plan.build_path, *dest, args.npix_suffix, args.npix_parquet_name),
+                schema=catalog.schema,
+                healpix_column=catalog.healpix_column,
+                write_kwargs=write_kwargs,
+                layout=plan.layout,
+                shard_layout=plan.shard_layout,
+            )
+        )
+    tasks.sort(key=lambda t: -t.expected_rows)
     return tasks
