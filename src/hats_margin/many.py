@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from hats_margin import notify, resume, runner
 from hats_margin.errors import OutputExistsError, StageFailedError
@@ -31,10 +32,15 @@ from hats_margin.orchestrator import (
 )
 from hats_margin.prechecks import precheck
 
+if TYPE_CHECKING:  # pragma: no cover
+    from distributed import Client
+
+    from hats_margin.arguments import MarginCacheArguments
+
 logger = logging.getLogger(__name__)
 
 
-def pipeline_many(args, client) -> ManyMarginsResult:
+def pipeline_many(args: MarginCacheArguments, client: Client | None) -> ManyMarginsResult:
     """Plan every margin (no worker), map once, reduce and finish each; email the outcome once."""
     start = time.perf_counter()
     clock = runner.StageClock()
@@ -67,7 +73,7 @@ def pipeline_many(args, client) -> ManyMarginsResult:
     return outcome
 
 
-def _prepare_many(args, clock) -> list[_Prepared]:
+def _prepare_many(args: MarginCacheArguments, clock: runner.StageClock) -> list[_Prepared]:
     """Check every margin's output, plan them all from one opening of the input, and take every
     margin's output lock (released again if any margin is refused)."""
     with clock("planning"):
@@ -101,7 +107,9 @@ def _prepare_many(args, clock) -> list[_Prepared]:
     return prepared
 
 
-def _execute_many(prepared: list[_Prepared], client, clock) -> list[MarginCacheResult]:
+def _execute_many(
+    prepared: list[_Prepared], client: Client, clock: runner.StageClock
+) -> list[MarginCacheResult]:
     """Map once (the largest margin's tasks), reduce every unfinished margin, finish each (largest
     last), then clean up and publish each (largest last)."""
     from hats_margin.stages import finishing, mapping, planning, reducing

@@ -140,7 +140,7 @@ def _check_args(args):
         raise ArgumentError(f"args must be MarginCacheArguments, not {type(args).__name__}")
 
 
-def _pipeline(args: MarginCacheArguments, client: Client | None) -> MarginCacheResult:
+def _pipeline(args: MarginCacheArguments, client: Client | None) -> MarginCacheResult | ManyMarginsResult:
     """Plan (no worker), then run the stages on ``client`` or on a local cluster started for them;
     email the outcome. The elapsed time covers the whole call."""
     if args.margins:

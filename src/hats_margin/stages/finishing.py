@@ -12,6 +12,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hats
 from hats.catalog import TableProperties
@@ -30,8 +31,11 @@ from hats_margin.io import (
 
 logger = logging.getLogger(__name__)
 
+if TYPE_CHECKING:  # pragma: no cover
+    from hats_margin.stages.planning import Plan
 
-def finish(plan, pixel_rows: dict[tuple[int, int], int]) -> dict:
+
+def finish(plan: Plan, pixel_rows: dict[tuple[int, int], int]) -> dict:
     """Write the catalog-level files; returns a summary."""
     args, catalog = plan.args, plan.catalog
     target = plan.build_path
@@ -57,7 +61,7 @@ def finish(plan, pixel_rows: dict[tuple[int, int], int]) -> dict:
     return {"total_rows": written, "pixels": [(p.order, p.pixel) for p in pixels]}
 
 
-def _properties(plan, pixels, total_rows) -> TableProperties:
+def _properties(plan: Plan, pixels, total_rows) -> TableProperties:
     """The margin's ``hats.properties``: the primary's columns and index, the threshold, sky fraction and size of what was written."""
     args, catalog = plan.args, plan.catalog
     sky_fraction = round(sum(4.0 ** -p.order for p in pixels) / 12.0, 5)
@@ -108,7 +112,7 @@ def _write_properties_last(properties: TableProperties, target):
     (target / "properties").write_text(text)
 
 
-def clean_up(plan):
+def clean_up(plan: Plan):
     """Remove what this run wrote in its intermediate directory (the directory too, and its
     tmp_dir/<name> parent, when nothing else is left in them)."""
     base = plan.layout.base
