@@ -144,9 +144,8 @@ def _execute_many(
             todo, skipped = [], 0
             for item in todo_margins:
                 done = item.start.done("reducing")
-                prefix = f"{item.plan.margin_index}:"
                 for task in reduce_tasks[id(item)]:
-                    if task.key[len(prefix):] in done:
+                    if task.pixel.key in done:
                         skipped += 1
                     else:
                         todo.append(task)

@@ -20,6 +20,7 @@ import time
 
 from hats_margin.errors import OutputExistsError, ResumeMismatchError
 from hats_margin.io import TempLayout, read_json, write_json
+from hats_margin.pixel import Pixel
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +77,10 @@ def _describe_change(layout: TempLayout, key: str, was, now) -> str | None:
         if was.keys() != now.keys():
             return "input_files (the set of partition files changed)"
         edited = sorted(k for k in was if was[k] != now[k])
-        mapped = [k for k in edited if layout.map_marker(*(int(x) for x in k.split("_"))).exists()]
+        mapped = [k for k in edited if layout.map_marker(*Pixel.parse(k)).exists()]
         if not mapped:
             return None
-        shown = ", ".join("Norder={}/Npix={}".format(*k.split("_")) for k in mapped[:5])
+        shown = ", ".join("Norder={}/Npix={}".format(*Pixel.parse(k)) for k in mapped[:5])
         more = f" and {len(mapped) - 5} more" if len(mapped) > 5 else ""
         return (
             f"input_files ({len(mapped)} partition file(s) changed after that run had read them: {shown}{more}; "

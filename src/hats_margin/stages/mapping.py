@@ -34,6 +34,7 @@ from hats_margin.io import (
     read_row_group,
     write_json,
 )
+from hats_margin.pixel import Pixel, margin_key
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class MapTask:
     """Everything one map task needs: one source partition and the destinations it can reach."""
 
     key: str
-    source: tuple[int, int]
+    source: Pixel
     catalog_root: UPath
     input_suffix: str
     dest_orders: np.ndarray
@@ -97,8 +98,8 @@ def map_partition(task: MapTask) -> dict:
 def _marker_key(key: tuple[int, ...]) -> str:
     """``order_pixel`` of a destination; ``margin:order_pixel`` with several margins."""
     if len(key) == 3:
-        return f"{key[0]}:{key[1]}_{key[2]}"
-    return f"{key[0]}_{key[1]}"
+        return margin_key(Pixel(key[1], key[2]), key[0])
+    return margin_key(Pixel(*key))
 
 
 def _map(task: MapTask) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], list[int]], int]:

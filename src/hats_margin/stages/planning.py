@@ -36,6 +36,7 @@ from hats_margin.io import (
     read_input_schema,
     scan_leaves,
 )
+from hats_margin.pixel import Pixel, margin_key, parse_margin_key
 from hats_margin.prechecks import check_input_directory, check_output_directories, check_path_relations
 from hats_margin.resume import digest
 from hats_margin.stages.mapping import MapTask
@@ -372,8 +373,8 @@ def make_map_tasks(plan: Plan) -> list[MapTask]:
             search_order, rings = plan.margin_order, 1
         tasks.append(
             MapTask(
-                key=f"{order}_{pixel}",
-                source=(order, pixel),
+                key=Pixel(order, pixel).key,
+                source=Pixel(order, pixel),
                 catalog_root=catalog.path,
                 input_suffix=catalog.npix_suffix,
                 dest_orders=tiling.orders[tiles],
@@ -404,14 +405,15 @@ def make_reduce_tasks(plan: Plan, map_results: dict[str, dict]) -> list[ReduceTa
     tasks are returned largest first.
     """
     args, catalog = plan.args, plan.catalog
-    prefix = "" if plan.margin_index is None else f"{plan.margin_index}:"
-    sources: dict[tuple[int, int], list[tuple[int, int, tuple[int, ...], int]]] = {}
+    sources: dict[Pixel, list[tuple[int, int, tuple[int, ...], int]]] = {}
     for payload in map_results.values():
         source = tuple(payload["source"])
         batches = payload.get("batches", {})
         for key, n in payload["rows"].items():
-            if n and key.startswith(prefix) and (prefix or ":" not in key):
-                dest = tuple(int(x) for x in key[len(prefix):].split("_"))
+            if not n:
+                continue
+            index, dest = parse_margin_key(key)
+            if index == plan.margin_index:
                 sources.setdefault(dest, []).append((*source, tuple(batches[key]), n))
     write_kwargs = margin_write_kwargs(catalog.schema, catalog.healpix_column, args.write_table_kwargs)
     tasks = []
@@ -419,7 +421,7 @@ def make_reduce_tasks(plan: Plan, map_results: dict[str, dict]) -> list[ReduceTa
         items.sort(key=lambda s: s[1] << (2 * (geometry.MAX_ORDER - s[0])))
         tasks.append(
             ReduceTask(
-                key=f"{prefix}{dest[0]}_{dest[1]}",
+                key=margin_key(dest, plan.margin_index),
                 pixel=dest,
                 sources=tuple((o, p, b) for o, p, b, _ in items),
                 expected_rows=sum(n for *_, n in items),

@@ -26,6 +26,7 @@ from hats_margin.io import (
     temporary_sibling,
     write_json,
 )
+from hats_margin.pixel import Pixel
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class ReduceTask:
     """
 
     key: str
-    pixel: tuple[int, int]
+    pixel: Pixel
     sources: tuple[tuple[int, int, tuple[int, ...]], ...]
     """(order, pixel, record batches of its shard) of every source partition sending rows, in
     spatial-index order."""
