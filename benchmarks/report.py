@@ -298,7 +298,7 @@ def runs_table(measured: list[dict]) -> str:
         rows = [(run, report.get("best", {}).get(run)) for run in
                 ("floor", "exact", "coarse", "importer")]
         scaling = (report.get("scaling") or {}).get("results") or {}
-        rows += [(f"exact, {w} workers", r) for w, r in scaling.items()]
+        rows += [(f"exact, {w} worker{'s' if str(w) != '1' else ''}", r) for w, r in scaling.items()]
         for run, r in rows:
             if r is None:
                 continue
