@@ -18,7 +18,8 @@ def make_task(tmp_path, sources, expected_rows) -> ReduceTask:
     layout = TempLayout(UPath(tmp_path / "intermediate"))
     layout.make_dirs()
     return ReduceTask(
-        key="2_176", pixel=PIXEL, sources=tuple(sources), expected_rows=expected_rows,
+        # each test shard holds one record batch: the destination's rows
+        key="2_176", pixel=PIXEL, sources=tuple((o, p, (0,)) for o, p in sources), expected_rows=expected_rows,
         output_file=output_file(UPath(tmp_path / "catalog"), *PIXEL, ".parquet", None),
         schema=SCHEMA, healpix_column="_healpix_29", write_kwargs={"row_group_size": 2}, layout=layout,
     )
@@ -43,7 +44,7 @@ def test_a_failing_reduce_leaves_the_published_file_whole(tmp_path):
     """It opened the final file before reading its shards: a bad second shard truncated it."""
     task = make_task(tmp_path, [(2, 177), (2, 178)], expected_rows=7)
     write_shard(task, (2, 177), 4)
-    task.layout.shard(*PIXEL, 2, 178).write_bytes(b"not an arrow file")
+    task.layout.shard(2, 178).write_bytes(b"not an arrow file")
     before = publish_earlier_file(task)
     with pytest.raises(pa.ArrowInvalid):
         reduce_pixel(task)

@@ -345,25 +345,20 @@ class TempLayout:
         return self.base / "mapping"
 
     @cached_property
-    def _reducing(self) -> UPath:
-        return self.base / "reducing"
-
-    @cached_property
     def _shards(self) -> UPath:
         return self.base / "shards"
 
     def map_marker(self, order: int, pixel: int) -> UPath:
         return self._mapping / f"{order}_{pixel}.json"
 
-    def reduce_marker(self, order: int, pixel: int) -> UPath:
-        return self._reducing / f"{order}_{pixel}.json"
-
     def shard(self, src_order: int, src_pixel: int) -> UPath:
         """The one shard file of a map task: every destination's rows, grouped in record batches."""
         return self._shards / f"{src_order}_{src_pixel}.arrow"
 
     def make_dirs(self):
-        for sub in ("mapping", "reducing", "shards"):
+        # no "reducing": a reduce task's published margin file is its done marker (reducing/ is
+        # still owned, for the markers of runs made before that)
+        for sub in ("mapping", "shards"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
 
 
@@ -584,6 +579,24 @@ def write_metadata_files(catalog: UPath, schema: pa.Schema, footers: list[tuple[
             collector.append(footer)
         location, fs = arrow_location(dataset / "_metadata")
         pq.write_metadata(schema, location, metadata_collector=collector, filesystem=fs)
+
+
+def listed_files(root: UPath) -> set[str]:
+    """Every file below ``root``, in one listing, as ``file_key`` spells them (empty if no root)."""
+    if is_local(root):
+        top = Path(root.path)
+        return {os.path.join(folder, name) for folder, _, names in os.walk(top) for name in names}
+    if not root.exists():
+        return set()
+    fs = root.fs
+    return {fs._strip_protocol(p).rstrip("/") for p in fs.find(root.path)}
+
+
+def file_key(path: UPath) -> str:
+    """A file's path as ``listed_files`` spells it (local: the plain path; else the store's key)."""
+    if is_local(path):
+        return str(Path(path.path))
+    return path.fs._strip_protocol(path.path).rstrip("/")
 
 
 def iter_files_size(root: UPath) -> Iterator[int]:

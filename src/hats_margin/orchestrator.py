@@ -204,7 +204,7 @@ def _execute(prepared: _Prepared, client: Client, clock: runner.StageClock) -> M
                 results[task.key] = read_json(plan.layout.map_marker(*task.source))
     reduce_tasks = _reduce_tasks(plan, results)
     with clock("reducing"):
-        done = _done_keys(plan.layout.base / "reducing") if resumed else set()
+        done = _published(plan.build_path, reduce_tasks) if resumed else set()
         todo = [t for t in reduce_tasks if t.key not in done]
         runner.run_stage(
             client, "Reducing", reducing.reduce_pixel, todo,
@@ -358,6 +358,27 @@ def _done_keys(directory: UPath) -> set[str]:
     if not directory.exists():
         return set()
     return {p.name[: -len(".json")] for p in directory.iterdir() if p.name.endswith(".json")}
+
+
+def _published(build_path: UPath, reduce_tasks: list) -> set[str]:
+    """Keys of the reduce tasks whose margin file an earlier run published with the rows the map
+    stage sent it: a file is renamed to its final name only when complete, so it is the task's done
+    marker. One listing of the dataset directory, then the footers of the files found."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hats_margin.io import file_key, listed_files, read_footer
+
+    def rows(task) -> int | None:
+        try:
+            return read_footer(task.output_file).num_rows
+        except (OSError, ValueError):  # unreadable (pyarrow's ArrowInvalid is a ValueError): redo it
+            return None
+
+    listed = listed_files(build_path / "dataset")
+    found = [t for t in reduce_tasks if file_key(t.output_file) in listed]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        counts = list(pool.map(rows, found))
+    return {t.key for t, n in zip(found, counts) if n == t.expected_rows}
 
 
 def _reduce_tasks(plan, map_results: dict[str, dict]) -> list:
