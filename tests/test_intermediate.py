@@ -128,7 +128,11 @@ def test_reduce_tasks_write_no_marker_files(client, copy_catalog, tmp_path, monk
         real(plan)
 
     monkeypatch.setattr(finishing, "clean_up", spy)
+    reads = []
+    real_read = finishing.read_footer
+    monkeypatch.setattr(finishing, "read_footer", lambda path: reads.append(path) or real_read(path))
     result = pipeline_with_client(args, client)
+    assert reads == [], "_metadata comes from the footers the reduce tasks returned, no file is read back"
     files = seen["files"]
     assert len(result.pixels) >= 10, "the sample should have many margin pixels"
     assert not [f for f in files if f.startswith("reducing")], files
@@ -165,8 +169,14 @@ def test_resume_skips_published_pixels_and_redoes_short_ones(client, copy_catalo
     table = pq.read_table(short)
     assert table.num_rows > 1, "pick a pixel with several rows"
     pq.write_table(table.slice(1), short)
+    from hats_margin.stages import finishing
+
+    reads = []
+    real_read = finishing.read_footer
+    monkeypatch.setattr(finishing, "read_footer", lambda path: reads.append(Path(path.path)) or real_read(path))
     result = pipeline_with_client(args, client)
     assert result.skipped_tasks["reducing"] == len(published) - 1
+    assert sorted(reads) == published[1:], "finishing reads back only the files an earlier run published"
     assert len(result.pixels) == len(published) + len(failed)
     pipeline_with_client(make_args(source, tmp_path / "fresh"), client)
     assert rows_per_pixel(tmp_path / "out" / NAME) == rows_per_pixel(tmp_path / "fresh" / "out" / NAME)

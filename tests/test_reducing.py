@@ -65,7 +65,9 @@ def test_a_successful_reduce_replaces_the_file_whole(tmp_path):
     write_shard(task, (2, 177), 4)
     write_shard(task, (2, 178), 3)
     publish_earlier_file(task)
-    assert reduce_pixel(task) == {"pixel": list(PIXEL), "rows": 7}
+    result = reduce_pixel(task)
+    assert {k: result[k] for k in ("pixel", "rows")} == {"pixel": list(PIXEL), "rows": 7}
+    assert result["footer"] == pq.read_metadata(task.output_file.path), "the footer it returns is the file's"
     table = pq.read_table(task.output_file.path)
     assert table.num_rows == 7 and table["_healpix_29"].to_pylist() == [1, 2, 3, 4, 1, 2, 3]
     assert sorted(p.name for p in task.output_file.parent.iterdir()) == ["Npix=176.parquet"]

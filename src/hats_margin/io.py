@@ -99,6 +99,15 @@ def output_file(catalog: UPath, order: int, pixel: int, npix_suffix: str, npix_p
     return leaf
 
 
+def relative_file(order: int, pixel: int, npix_suffix: str, npix_parquet_name: str | None) -> str:
+    """``output_file`` below ``dataset/``, '/'-separated, built without path joins (a UPath join
+    costs ~40 us: finishing a catalog of 10,000 margin files needs no 40,000 of them)."""
+    leaf = f"Norder={order}/Dir={(pixel // 10000) * 10000}/Npix={pixel}"
+    if npix_suffix in ("/", "\\"):
+        return f"{leaf}/{npix_parquet_name or f'Npix={pixel}.parquet'}"
+    return leaf + npix_suffix
+
+
 def lists_partitions(path: UPath) -> bool:
     """Whether the partition files of a catalog at ``path`` are found by listing directories.
 
@@ -363,17 +372,20 @@ class TempLayout:
 
 
 def _remove_local(root: Path, owns) -> list[str]:
-    """TempLayout.remove on a local disk: os.walk never follows a symbolic link."""
+    """TempLayout.remove on a local disk: os.walk never follows a symbolic link. Relative names
+    are sliced from the walked paths (os.path.relpath costs as much as the unlink)."""
     kept = []
-    for folder, dirs, files in os.walk(root, topdown=False):
+    top = os.path.join(str(root), "")
+    for folder, dirs, files in os.walk(top, topdown=False):
+        inner = folder[len(top):].replace(os.sep, "/")
+        prefix = inner + "/" if inner else ""
         for name in files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
-            path = os.path.join(folder, name)
-            relative = os.path.relpath(path, root).replace(os.sep, "/")
+            relative = prefix + name
             if owns(relative):
-                os.unlink(path)
+                os.unlink(os.path.join(folder, name))
             else:
                 kept.append(relative)
-        relative = os.path.relpath(folder, root).replace(os.sep, "/")
+        relative = inner or "."
         if relative == "." or owns(relative):
             try:
                 os.rmdir(folder)
@@ -519,6 +531,8 @@ class MarginFileWriter:
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self.rows = 0
+        self.metadata: pq.FileMetaData | None = None
+        """The file's footer, once closed (what ``read_footer`` would read back)."""
 
     def write(self, table: pa.Table):
         self._pending.append(table)
@@ -535,6 +549,7 @@ class MarginFileWriter:
             self._writer.write_table(pa.concat_tables(self._pending), row_group_size=self.row_group_size)
         self._pending = []
         self._writer.close()
+        self.metadata = self._writer.writer.metadata
 
 
 def temporary_sibling(path: UPath) -> UPath:

@@ -206,14 +206,15 @@ def _execute(prepared: _Prepared, client: Client, clock: runner.StageClock) -> M
     with clock("reducing"):
         done = _published(plan.build_path, reduce_tasks) if resumed else set()
         todo = [t for t in reduce_tasks if t.key not in done]
-        runner.run_stage(
+        reduced = runner.run_stage(
             client, "Reducing", reducing.reduce_pixel, todo,
             progress_bar=args.progress_bar, skipped=len(reduce_tasks) - len(todo), resume_hint=hint,
         )
     with clock("finishing"), runner.progress("Finishing", 2, args.progress_bar) as bar:
         try:
             lock.set_phase("finishing")
-            summary = finishing.finish(plan, {t.pixel: t.expected_rows for t in reduce_tasks})
+            footers = {tuple(r["pixel"]): r["footer"] for r in reduced.values()}
+            summary = finishing.finish(plan, {t.pixel: t.expected_rows for t in reduce_tasks}, footers)
             bar.update(1)
             finishing.clean_up(plan)
             _publish(plan)

@@ -45,7 +45,8 @@ class ReduceTask:
 
 
 def reduce_pixel(task: ReduceTask) -> dict:
-    """Write one margin pixel's file from its shards; publishing it marks the task done."""
+    """Write one margin pixel's file from its shards; publishing it marks the task done. Returns
+    its rows and footer (finishing builds ``_metadata`` from the footers without re-reading)."""
     temporary = temporary_sibling(task.output_file)
     try:
         writer = MarginFileWriter(temporary, task.schema, task.write_kwargs)
@@ -64,4 +65,4 @@ def reduce_pixel(task: ReduceTask) -> dict:
         remove_file(temporary)
         exc.add_note(f"hats-margin: while reducing margin pixel Norder={task.pixel[0]}/Npix={task.pixel[1]}")
         raise
-    return {"pixel": list(task.pixel), "rows": writer.rows}
+    return {"pixel": list(task.pixel), "rows": writer.rows, "footer": writer.metadata}
