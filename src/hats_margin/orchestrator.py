@@ -12,8 +12,9 @@
   its ``collection.properties`` (``all_margins``, ``default_margin`` when unset).
 
 ``pipeline(args)`` owns a local Dask cluster; ``pipeline_with_client(args, client)``
-borrows the caller's client. Every task is idempotent and leaves a done marker, so a
-re-run with the same arguments resumes where a killed run stopped.
+borrows the caller's client. Every task is idempotent and leaves a done marker (a map task's
+JSON marker; a reduce task's margin file, published only when complete), so a re-run with the
+same arguments resumes where a killed run stopped.
 """
 
 from __future__ import annotations
