@@ -129,7 +129,7 @@ def _execute_many(
         )
         lead_start = next(p for p in prepared if p.plan.margin_index == 0).start
         with clock("mapping"):
-            done = lead_start.done("mapping")
+            done = lead_start.done_maps()
             todo = [t for t in lead.map_tasks if t.key not in done]
             skipped_map = len(lead.map_tasks) - len(todo)
             map_results = runner.run_stage(
@@ -143,14 +143,15 @@ def _execute_many(
         with clock("reducing"):
             todo, skipped = [], 0
             for item in todo_margins:
-                done = item.start.done("reducing")
-                for task in reduce_tasks[id(item)]:
-                    if task.pixel.key in done:
+                tasks = reduce_tasks[id(item)]
+                done = item.start.done_reduces(tasks)
+                for task in tasks:
+                    if task.key in done:
                         skipped += 1
                     else:
                         todo.append(task)
             todo.sort(key=lambda t: -t.expected_rows)
-            runner.run_stage(
+            reduced = runner.run_stage(
                 client, "Reducing", reducing.reduce_pixel, todo,
                 progress_bar=args.progress_bar, skipped=skipped, resume_hint=hint,
             )
@@ -161,7 +162,10 @@ def _execute_many(
                 for item in ranked:
                     item.lock.set_phase("finishing")
                     tasks = reduce_tasks[id(item)]
-                    summaries[id(item)] = finishing.finish(item.plan, {t.pixel: t.expected_rows for t in tasks})
+                    footers = {t.pixel: reduced[t.key]["footer"] for t in tasks if t.key in reduced}
+                    summaries[id(item)] = finishing.finish(
+                        item.plan, {t.pixel: t.expected_rows for t in tasks}, footers
+                    )
                     bar.update(1)
                 for item in ranked:
                     finishing.clean_up(item.plan)

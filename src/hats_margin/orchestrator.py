@@ -15,8 +15,9 @@ Several thresholds (``margin_threshold=[5, 10, 60]``) go to ``many``: one run pe
 everything a run owns, one shared map stage.
 
 ``pipeline(args)`` owns a local Dask cluster; ``pipeline_with_client(args, client)``
-borrows the caller's client. Every task is idempotent and leaves a done marker, so a
-re-run with the same arguments resumes where a killed run stopped.
+borrows the caller's client. Every task is idempotent and leaves a done marker (a map task's
+JSON marker; a reduce task's margin file, published only when complete), so a re-run with the
+same arguments resumes where a killed run stopped.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ def _execute(prepared: _Prepared, client: Client, clock: runner.StageClock) -> M
         f"{plan.layout.base}."
     )
     with clock("mapping"):
-        done = start.done("mapping")
+        done = start.done_maps()
         todo = [t for t in plan.map_tasks if t.key not in done]
         skipped_map = len(plan.map_tasks) - len(todo)
         results = runner.run_stage(
@@ -225,16 +226,17 @@ def _execute(prepared: _Prepared, client: Client, clock: runner.StageClock) -> M
         no_position = _warn_rows_without_coordinates(results, args.fine_filtering)
     reduce_tasks = planning.make_reduce_tasks(plan, results)
     with clock("reducing"):
-        done = start.done("reducing")
+        done = start.done_reduces(reduce_tasks)
         todo = [t for t in reduce_tasks if t.key not in done]
-        runner.run_stage(
+        reduced = runner.run_stage(
             client, "Reducing", reducing.reduce_pixel, todo,
             progress_bar=args.progress_bar, skipped=len(reduce_tasks) - len(todo), resume_hint=hint,
         )
     with clock("finishing"), runner.progress("Finishing", 2, args.progress_bar) as bar:
         try:
             start.lock.set_phase("finishing")
-            summary = finishing.finish(plan, {t.pixel: t.expected_rows for t in reduce_tasks})
+            footers = {tuple(r["pixel"]): r["footer"] for r in reduced.values()}
+            summary = finishing.finish(plan, {t.pixel: t.expected_rows for t in reduce_tasks}, footers)
             bar.update(1)
             finishing.clean_up(plan)
             resume.publish(plan)

@@ -89,15 +89,6 @@ def _describe_change(layout: TempLayout, key: str, was, now) -> str | None:
     return f"{key} (was {was!r}, now {now!r})"
 
 
-def done_keys(layout: TempLayout, stage: str) -> set[str]:
-    """Keys (file names without ``.json``) of the done markers of ``stage`` ("mapping" or
-    "reducing") in ``layout``; empty if there are none yet."""
-    directory = layout.base / stage
-    if not directory.exists():
-        return set()
-    return {p.name[: -len(".json")] for p in directory.iterdir() if p.name.endswith(".json")}
-
-
 def discard_intermediate(layout: TempLayout):
     """Delete what a run wrote in the intermediate directory, run.json first: a deletion cut short
     leaves a directory that is never resumed (markers whose shards are gone), only discarded

@@ -20,10 +20,12 @@ from hats_margin.errors import OutputExistsError
 from hats_margin.io import TempLayout, read_json, remove_tree
 from hats_margin.lock import LOCK_NAME, OutputLock, fingerprint_digest
 from hats_margin.prechecks import exists_message
-from hats_margin.resume.intermediate import done_keys, prepare_intermediate
+from hats_margin.resume.done import done_maps, done_reduces
+from hats_margin.resume.intermediate import prepare_intermediate
 
 if TYPE_CHECKING:  # pragma: no cover
     from hats_margin.stages.planning import Plan
+    from hats_margin.stages.reducing import ReduceTask
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +57,21 @@ class Start:
     kind: str
     lock: OutputLock
     layout: TempLayout
+    build_path: UPath
+    """Where the catalog is built (the artifact, or its staging directory under overwrite)."""
 
     @property
     def complete(self) -> bool:
         """A dead run with the same values had written the whole catalog."""
         return self.kind == COMPLETE
 
-    def done(self, stage: str) -> set[str]:
-        """Keys of the tasks of ``stage`` ("mapping" or "reducing") an earlier run finished."""
-        return done_keys(self.layout, stage) if self.kind == RESUME else set()
+    def done_maps(self) -> set[str]:
+        """Keys of the map tasks an earlier run finished (none unless resuming)."""
+        return done_maps(self.layout) if self.kind == RESUME else set()
+
+    def done_reduces(self, reduce_tasks: list[ReduceTask]) -> set[str]:
+        """Keys of ``reduce_tasks`` an earlier run finished (none unless resuming)."""
+        return done_reduces(self.build_path, reduce_tasks) if self.kind == RESUME else set()
 
 
 def start(plan: Plan) -> Start:
@@ -76,7 +84,7 @@ def start(plan: Plan) -> Start:
     except BaseException:
         lock.release()
         raise
-    return Start(kind, lock, plan.layout)
+    return Start(kind, lock, plan.layout, plan.build_path)
 
 
 def _prepare_output(plan: Plan, lock: OutputLock) -> str:
