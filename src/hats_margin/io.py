@@ -389,25 +389,7 @@ class TempLayout:
         if not self.base.exists():
             return []
         self.run_file.unlink(missing_ok=True)
-        if is_local(self.base):
-            return _remove_local(Path(self.base.path), self.owns)
-        fs = self.base.fs
-        root = fs._strip_protocol(self.base.path).rstrip("/")
-        found = fs.find(root, withdirs=True, detail=True)
-        ours, kept = [], []
-        for path, info in found.items():
-            relative = path[len(root):].strip("/")
-            if not relative or info.get("type") == "directory":
-                continue
-            if self.owns(relative):
-                ours.append(path)
-            else:
-                kept.append(relative)
-        if ours:
-            fs.rm(ours)
-        if not kept and fs.exists(root):
-            fs.rm(root, recursive=True)  # directory markers some stores keep
-        return sorted(kept)
+        return remove_owned(self.base, self.owns)
 
     @property
     def run_file(self) -> UPath:
@@ -441,9 +423,36 @@ class TempLayout:
             (self.base / sub).mkdir(parents=True, exist_ok=True)
 
 
+def remove_owned(base: UPath, owns) -> list[str]:
+    """Delete the files below ``base`` whose relative path ``owns`` accepts, at every depth, then
+    the directories left empty that it accepts (and ``base`` itself when nothing is left). Returns
+    the kept paths, relative: a user's file is never deleted."""
+    if not base.exists():
+        return []
+    if is_local(base):
+        return _remove_local(Path(base.path), owns)
+    fs = base.fs
+    root = fs._strip_protocol(base.path).rstrip("/")
+    found = fs.find(root, withdirs=True, detail=True)
+    ours, kept = [], []
+    for path, info in found.items():
+        relative = path[len(root):].strip("/")
+        if not relative or info.get("type") == "directory":
+            continue
+        if owns(relative):
+            ours.append(path)
+        else:
+            kept.append(relative)
+    if ours:
+        fs.rm(ours)
+    if not kept and fs.exists(root):
+        fs.rm(root, recursive=True)  # directory markers some stores keep
+    return sorted(kept)
+
+
 def _remove_local(root: Path, owns) -> list[str]:
-    """TempLayout.remove on a local disk: os.walk never follows a symbolic link. Relative names
-    are sliced from the walked paths (os.path.relpath costs as much as the unlink)."""
+    """remove_owned on a local disk: os.walk never follows a symbolic link. Relative names are
+    sliced from the walked paths (os.path.relpath costs as much as the unlink)."""
     kept = []
     top = os.path.join(str(root), "")
     for folder, dirs, files in os.walk(top, topdown=False):

@@ -220,6 +220,24 @@ def test_users_files_deep_in_the_intermediate_directory_are_kept(client, baselin
     assert any("kept 4 file(s)" in r.message and "hats-margin did not write" in r.message for r in caplog.records)
 
 
+def test_users_files_deep_in_the_claimed_artifact_directory_are_kept(client, copy_catalog, tmp_path):
+    """The same at every depth of output_path/<name>: a run that failed (or was killed) leaves its
+    claimed directory; a user's file put in its dataset/ was deleted by the fresh start (resume=False,
+    or a re-run with other values), without overwrite."""
+    source_copy = copy_catalog("small_sky_source_catalog")
+    run = Run(source_copy, tmp_path / "out")
+    source_copy.joinpath(*BAD_PARTITION).write_bytes(b"garbage")
+    with pytest.raises(StageFailedError):
+        pipeline_with_client(run.args(), client)
+    notes = run.target / "dataset" / "Norder=2" / "notes.txt"
+    notes.parent.mkdir(parents=True, exist_ok=True)
+    notes.write_text("mine")
+    with pytest.raises(StageFailedError):
+        pipeline_with_client(run.args(resume=False), client)
+    assert notes.read_text() == "mine"
+    assert [p.name for p in (run.target / "dataset").rglob("*") if p.is_file()] == ["notes.txt"]
+
+
 # ------------------------------------------------------------------ issue 13 item 3: SIGKILL inside the swap
 SWAP_POINTS = [
     pytest.param(2, id="old-half-aside"),

@@ -17,7 +17,7 @@ from upath import UPath
 
 from hats_margin import artifact
 from hats_margin.errors import OutputExistsError
-from hats_margin.io import TempLayout, read_json, remove_tree
+from hats_margin.io import TempLayout, read_json, remove_owned, remove_tree
 from hats_margin.lock import LOCK_NAME, OutputLock, fingerprint_digest
 from hats_margin.prechecks import exists_message
 from hats_margin.resume.done import done_maps, done_reduces
@@ -129,14 +129,30 @@ def _prepare_output(plan: Plan, lock: OutputLock) -> str:
             artifact.claim(target, current)  # empty: ours from now on, before anything is written
     resumed = prepare_intermediate(plan.layout, plan.fingerprint, args.resume)
     if not resumed:
-        for name in ("hats.properties", "properties", "dataset", "partition_info.csv", "margin_sky_map.png"):
+        for name in ("hats.properties", "properties", "partition_info.csv", "margin_sky_map.png"):
             path = plan.build_path / name
             if path.exists():
                 remove_tree(path) if path.is_dir() else path.unlink()
+        kept = remove_owned(plan.build_path / "dataset", _dataset_owns(args.npix_suffix, args.npix_parquet_name))
+        if kept:  # at every depth, only what a run of ours writes there (issue 13 items 2 and 4)
+            logger.warning("kept %d file(s) in %s that hats-margin did not write: %s",
+                           len(kept), plan.build_path / "dataset", ", ".join(kept[:5]))
         artifact.claim(plan.build_path, current)
     elif plan.build_path == staging and not staged:
         artifact.claim(staging, current)
     return RESUME if resumed else FRESH
+
+
+def _dataset_owns(npix_suffix: str, npix_parquet_name: str | None):
+    """Whether a path below dataset/ is a name a run with this suffix writes: Norder=K/Dir=D/,
+    the pixel files (and their hidden temporary names), _metadata and _common_metadata."""
+    if npix_suffix in ("/", "\\"):
+        inner = re.escape(npix_parquet_name) if npix_parquet_name else r"Npix=\d+\.parquet"
+        leaf = r"Npix=\d+(/\.?" + inner + r"(\.tmp)?)?"
+    else:
+        leaf = r"\.?Npix=\d+" + re.escape(npix_suffix) + r"(\.tmp)?"
+    pattern = re.compile(r"_metadata|_common_metadata|Norder=\d+(/Dir=\d+(/" + leaf + r")?)?")
+    return lambda relative: pattern.fullmatch(relative) is not None
 
 
 def publish(plan: Plan):
