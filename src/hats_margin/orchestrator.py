@@ -361,7 +361,10 @@ def _publish(plan):
 
 
 def _is_valid_properties(target: UPath) -> bool:
-    """Whether ``target`` holds a properties file hats can read."""
+    """Whether ``target`` holds a properties file hats can read (hats is imported only when there
+    is a properties file to judge)."""
+    if not any((target / name).exists() for name in ("hats.properties", "properties")):
+        return False
     from hats.catalog import TableProperties
 
     try:
