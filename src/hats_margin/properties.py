@@ -95,7 +95,7 @@ def _simple_properties(path: UPath) -> CatalogProperties | None:
             dec_column=values["hats_col_dec"],
             healpix_column=values.get("hats_col_healpix") or None,
             healpix_order=order,
-            npix_suffix=values.get("hats_npix_suffix") or None,
+            npix_suffix=values.get("hats_npix_suffix") or ".parquet",  # hats' default
         )
     return None
 
@@ -110,10 +110,9 @@ def read_catalog_properties(path: UPath) -> CatalogProperties:
     from hats.catalog import TableProperties
 
     props = TableProperties.read_from_dir(path)
-    catalog_type = props.catalog_type
     return CatalogProperties(
         catalog_name=props.catalog_name,
-        catalog_type=str(getattr(catalog_type, "value", catalog_type)),
+        catalog_type=str(props.catalog_type),
         total_rows=props.total_rows,
         ra_column=props.ra_column,
         dec_column=props.dec_column,
