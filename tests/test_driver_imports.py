@@ -17,19 +17,25 @@ from upath import UPath
 
 from hats_margin import MarginCacheArguments, pipeline
 from hats_margin.io import hats_write_kwargs, margin_write_kwargs
-from hats_margin.properties import parse_properties, read_catalog_properties, read_partitions
+from hats_margin.properties import (
+    parse_properties,
+    plain_margin_is_valid,
+    read_catalog_properties,
+    read_partitions,
+)
 
 HEAVY = ("hats", "mocpy", "matplotlib", "nested_pandas", "tqdm")  # tqdm: only with a progress bar
 
 
 def test_demo_command_never_imports_hats(tmp_path):
-    """The whole ``hats-margin demo`` (planning, in-process mapping and reducing, finishing). astropy
+    """The whole ``hats-margin demo``, first and repeated (overwrite of its own margin): planning, in-process mapping and reducing, finishing). astropy
     still loads: cdshealpix imports it, and the in-process worker maps with cdshealpix."""
     code = textwrap.dedent(f"""
         import sys
         from hats_margin import cli
-        code = cli.main(["demo", {str(tmp_path / 'out')!r}, "--no-progress"])
-        print(code, sorted(m for m in {HEAVY!r} if m in sys.modules))
+        first = cli.main(["demo", {str(tmp_path / 'out')!r}, "--no-progress"])
+        again = cli.main(["demo", {str(tmp_path / 'out')!r}, "--no-progress"])  # replaces the first one
+        print(first + again, sorted(m for m in {HEAVY!r} if m in sys.modules))
     """)
     run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert run.stdout.strip().splitlines()[-1] == "0 []", run.stdout + run.stderr
@@ -55,6 +61,11 @@ def test_margin_properties_are_the_bytes_hats_writes(catalogs, tmp_path):
     ours = (path / "hats.properties").read_text()
     assert ours == _hats_rendering(path) == (path / "properties").read_text()
     assert is_valid_catalog(path, strict=True)
+    assert plain_margin_is_valid(path) is True  # judged without hats; hats agrees
+    (path / "hats.properties").write_text(ours.replace("hats_nrows=", "hats_nrows=x"))
+    assert plain_margin_is_valid(path) is None  # left to hats, which refuses it
+    with pytest.raises(ValueError):
+        TableProperties.read_from_dir(path)
     # with extra keys hats writes them (validated and ordered as hats does)
     extra = _build(catalogs, tmp_path, "extra", addl_hats_properties={"hats_cols_default": ["source_ra", "mag"]})
     assert "hats_cols_default=" in (extra / "hats.properties").read_text()

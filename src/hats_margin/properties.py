@@ -159,3 +159,37 @@ def write_partition_info(target: UPath, pixels) -> None:
     """``partition_info.csv``: ``Norder,Npix`` then one line per pixel, in the order given."""
     lines = ["Norder,Npix"] + [f"{o},{p}" for o, p in pixels]
     (target / "partition_info.csv").write_text("\n".join(lines) + "\n")
+
+
+_MARGIN_REQUIRED = ("obs_collection", "hats_col_ra", "hats_col_dec", "hats_primary_table_url")
+_INTEGER_KEYS = ("hats_nrows", "hats_col_healpix_order", "hats_order", "hats_estsize", "hats_margin_order")
+_FLOAT_KEYS = ("hats_margin_threshold", "moc_sky_fraction")
+
+
+def plain_margin_is_valid(directory: UPath) -> bool | None:
+    """True when ``directory`` holds the properties of a margin as hats-margin writes them (plain
+    ``key=value`` lines, every key a margin needs, numbers that parse), which hats accepts; None
+    when only hats can judge (anything else, including no margin at all)."""
+    for name in PROPERTIES_FILES:
+        try:
+            text = (directory / name).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError):
+            return None
+        values = parse_properties(text)
+        if not values or values.get("dataproduct_type") != "margin" or "hats_nrows" not in values:
+            return None
+        if not all(values.get(key) for key in (*_MARGIN_REQUIRED, "hats_margin_threshold")):
+            return None
+        try:
+            for key in _INTEGER_KEYS:
+                if key in values:
+                    int(values[key])
+            for key in _FLOAT_KEYS:
+                if key in values:
+                    float(values[key])
+        except ValueError:
+            return None
+        return True
+    return None
