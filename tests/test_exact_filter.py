@@ -51,7 +51,7 @@ def test_one_home_for_the_geometry_constants_and_helpers():
     assert pixel_distance.MAX_ORDER is geometry.MAX_ORDER
     assert pixel_distance.unit_vectors is geometry.unit_vectors
     assert not hasattr(geometry, "cell_centres_and_radii")  # the sampled, uncertified radius
-    from hats_margin import synthetic
+    from hats_margin.testing import synthetic
 
     assert synthetic.SPATIAL_INDEX_ORDER == geometry.MAX_ORDER
 

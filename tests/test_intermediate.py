@@ -112,6 +112,77 @@ def test_failed_map_task_leaves_no_marker_and_resumes(client, copy_catalog, tmp_
     assert is_valid_catalog(str(tmp_path / "out" / NAME), strict=True)
 
 
+def test_reduce_tasks_write_no_marker_files(client, copy_catalog, tmp_path, monkeypatch):
+    """A published margin file is its reduce task's done marker: just before the clean-up the
+    intermediate directory holds run.json, one marker per map task and its shard, nothing per pixel."""
+    from hats_margin.stages import finishing
+
+    source = copy_catalog("small_sky_source_catalog")
+    args = make_args(source, tmp_path)
+    base = Path(args.tmp_dir) / NAME / "intermediate"
+    seen = {}
+    real = finishing.clean_up
+
+    def spy(plan):
+        seen["files"] = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
+        real(plan)
+
+    monkeypatch.setattr(finishing, "clean_up", spy)
+    reads = []
+    real_read = finishing.read_footer
+    monkeypatch.setattr(finishing, "read_footer", lambda path: reads.append(path) or real_read(path))
+    result = pipeline_with_client(args, client)
+    assert reads == [], "_metadata comes from the footers the reduce tasks returned, no file is read back"
+    files = seen["files"]
+    assert len(result.pixels) >= 10, "the sample should have many margin pixels"
+    assert not [f for f in files if f.startswith("reducing")], files
+    shards = [f for f in files if f.startswith("shards/")]
+    assert len([f for f in files if f.startswith("mapping/")]) == 14
+    assert len(files) == 1 + 14 + len(shards)
+
+
+def test_resume_skips_published_pixels_and_redoes_short_ones(client, copy_catalog, tmp_path, monkeypatch):
+    """A re-run redoes exactly the pixels whose file is missing or does not hold the rows the map
+    stage sent it (here: failed tasks, and one published file replaced by a shorter one)."""
+    import pyarrow.parquet as pq
+
+    source = copy_catalog("small_sky_source_catalog")
+    args = make_args(source, tmp_path)
+    flag = tmp_path / "failed.txt"
+    real = reducing.reduce_pixel
+
+    def half_fail(task):
+        if task.pixel[1] % 2:
+            with open(flag, "a") as handle:  # Dask may pickle this function by value: report via a file
+                handle.write(f"{task.key}\n")
+            raise RuntimeError("simulated reduce failure")
+        return real(task)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(reducing, "reduce_pixel", half_fail)
+        with pytest.raises(StageFailedError, match="reducing"):
+            pipeline_with_client(args, client)
+    failed = set(flag.read_text().split())
+    published = sorted((tmp_path / "out" / NAME / "dataset").glob("Norder=*/Dir=*/Npix=*.parquet"))
+    assert failed and len(published) > 2
+    short = published[0]
+    table = pq.read_table(short)
+    assert table.num_rows > 1, "pick a pixel with several rows"
+    pq.write_table(table.slice(1), short)
+    from hats_margin.stages import finishing
+
+    reads = []
+    real_read = finishing.read_footer
+    monkeypatch.setattr(finishing, "read_footer", lambda path: reads.append(Path(path.path)) or real_read(path))
+    result = pipeline_with_client(args, client)
+    assert result.skipped_tasks["reducing"] == len(published) - 1
+    assert sorted(reads) == published[1:], "finishing reads back only the files an earlier run published"
+    assert len(result.pixels) == len(published) + len(failed)
+    pipeline_with_client(make_args(source, tmp_path / "fresh"), client)
+    assert rows_per_pixel(tmp_path / "out" / NAME) == rows_per_pixel(tmp_path / "fresh" / "out" / NAME)
+    assert is_valid_catalog(str(tmp_path / "out" / NAME), strict=True)
+
+
 def test_intermediate_files_of_another_layout_are_never_resumed(client, copy_catalog, tmp_path, monkeypatch):
     source = copy_catalog("small_sky_source_catalog")
     args = make_args(source, tmp_path)

@@ -14,29 +14,23 @@ SCHEMA = pa.schema([("_healpix_29", pa.int64()), ("value", pa.float64())])
 PIXEL = (2, 176)
 
 
-def make_layout(tmp_path) -> TempLayout:
+def make_task(tmp_path, sources, expected_rows) -> ReduceTask:
     layout = TempLayout(UPath(tmp_path / "intermediate"))
     layout.make_dirs()
-    return layout
-
-
-def make_task(tmp_path, layout, sources, expected_rows) -> ReduceTask:
-    """``sources``: (order, pixel, record batches of its shard) per source partition."""
     return ReduceTask(
-        key="2_176", pixel=PIXEL, sources=tuple(sources), expected_rows=expected_rows,
+        # each test shard holds one record batch: the destination's rows
+        key="2_176", pixel=PIXEL, sources=tuple((o, p, (0,)) for o, p in sources), expected_rows=expected_rows,
         output_file=output_file(UPath(tmp_path / "catalog"), *PIXEL, ".parquet", None),
         schema=SCHEMA, healpix_column="_healpix_29", write_kwargs={"row_group_size": 2}, layout=layout,
     )
 
 
-def write_shard(layout, source, rows: int) -> tuple[int, ...]:
-    """The shard of ``source`` with ``rows`` rows for PIXEL; returns their record batches."""
-    writers = ShardWriters(layout, *source, SCHEMA)
+def write_shard(task: ReduceTask, source, rows: int):
+    writers = ShardWriters(task.layout, *source, SCHEMA)
     table = pa.table({"_healpix_29": list(range(rows, 0, -1)), "value": [float(i) for i in range(rows)]},
                      schema=SCHEMA)
-    writers.write(PIXEL, table)
+    writers.write(task.pixel, table)
     writers.close()
-    return tuple(writers.index[PIXEL])
 
 
 def publish_earlier_file(task: ReduceTask) -> bytes:
@@ -48,10 +42,9 @@ def publish_earlier_file(task: ReduceTask) -> bytes:
 
 def test_a_failing_reduce_leaves_the_published_file_whole(tmp_path):
     """It opened the final file before reading its shards: a bad second shard truncated it."""
-    layout = make_layout(tmp_path)
-    batches = write_shard(layout, (2, 177), 4)
-    layout.shard(2, 178).write_bytes(b"not an arrow file")
-    task = make_task(tmp_path, layout, [(2, 177, batches), (2, 178, (0,))], expected_rows=7)
+    task = make_task(tmp_path, [(2, 177), (2, 178)], expected_rows=7)
+    write_shard(task, (2, 177), 4)
+    task.layout.shard(2, 178).write_bytes(b"not an arrow file")
     before = publish_earlier_file(task)
     with pytest.raises(pa.ArrowInvalid):
         reduce_pixel(task)
@@ -60,19 +53,21 @@ def test_a_failing_reduce_leaves_the_published_file_whole(tmp_path):
 
 
 def test_a_reduce_short_of_rows_publishes_nothing(tmp_path):
-    layout = make_layout(tmp_path)
-    task = make_task(tmp_path, layout, [(2, 177, write_shard(layout, (2, 177), 4))], expected_rows=5)
+    task = make_task(tmp_path, [(2, 177)], expected_rows=5)
+    write_shard(task, (2, 177), 4)
     with pytest.raises(RuntimeError, match="wrote 4 rows, the map stage sent 5"):
         reduce_pixel(task)
     assert not task.output_file.parent.exists() or not any(task.output_file.parent.iterdir())
 
 
 def test_a_successful_reduce_replaces_the_file_whole(tmp_path):
-    layout = make_layout(tmp_path)
-    sources = [(2, 177, write_shard(layout, (2, 177), 4)), (2, 178, write_shard(layout, (2, 178), 3))]
-    task = make_task(tmp_path, layout, sources, expected_rows=7)
+    task = make_task(tmp_path, [(2, 177), (2, 178)], expected_rows=7)
+    write_shard(task, (2, 177), 4)
+    write_shard(task, (2, 178), 3)
     publish_earlier_file(task)
-    assert reduce_pixel(task) == {"pixel": list(PIXEL), "rows": 7}
+    result = reduce_pixel(task)
+    assert {k: result[k] for k in ("pixel", "rows")} == {"pixel": list(PIXEL), "rows": 7}
+    assert result["footer"] == pq.read_metadata(task.output_file.path), "the footer it returns is the file's"
     table = pq.read_table(task.output_file.path)
     assert table.num_rows == 7 and table["_healpix_29"].to_pylist() == [1, 2, 3, 4, 1, 2, 3]
     assert sorted(p.name for p in task.output_file.parent.iterdir()) == ["Npix=176.parquet"]

@@ -32,6 +32,7 @@ from hats_margin.orchestrator import (
     _prepare_output,
     _Prepared,
     _publish,
+    _published,
     _reduce_tasks,
 )
 from hats_margin.prechecks import precheck
@@ -148,15 +149,16 @@ def _execute_many(prepared: list[_Prepared], client, clock) -> list[MarginCacheR
         with clock("reducing"):
             todo, skipped = [], 0
             for item in todo_margins:
-                done = _done_keys(item.plan.layout.base / "reducing") if item.resumed else set()
-                prefix = f"{item.plan.margin_index}:"
-                for task in reduce_tasks[id(item)]:
-                    if task.key[len(prefix):] in done:
+                tasks = reduce_tasks[id(item)]
+                # a published margin file holding the rows the map stage sent is its task's marker
+                done = _published(item.plan.build_path, tasks) if item.resumed else set()
+                for task in tasks:
+                    if task.key in done:
                         skipped += 1
                     else:
                         todo.append(task)
             todo.sort(key=lambda t: -t.expected_rows)
-            runner.run_stage(
+            reduced = runner.run_stage(
                 client, "Reducing", reducing.reduce_pixel, todo,
                 progress_bar=args.progress_bar, skipped=skipped, resume_hint=hint,
             )
@@ -167,7 +169,10 @@ def _execute_many(prepared: list[_Prepared], client, clock) -> list[MarginCacheR
                 for item in ranked:
                     item.lock.set_phase("finishing")
                     tasks = reduce_tasks[id(item)]
-                    summaries[id(item)] = finishing.finish(item.plan, {t.pixel: t.expected_rows for t in tasks})
+                    footers = {t.pixel: reduced[t.key]["footer"] for t in tasks if t.key in reduced}
+                    summaries[id(item)] = finishing.finish(
+                        item.plan, {t.pixel: t.expected_rows for t in tasks}, footers
+                    )
                     bar.update(1)
                 for item in ranked:
                     finishing.clean_up(item.plan)

@@ -15,8 +15,9 @@ Several thresholds (``margin_threshold=[5, 10, 60]``) go to ``many``: one run pe
 everything a run owns, one shared map stage.
 
 ``pipeline(args)`` owns a local Dask cluster; ``pipeline_with_client(args, client)``
-borrows the caller's client. Every task is idempotent and leaves a done marker, so a
-re-run with the same arguments resumes where a killed run stopped.
+borrows the caller's client. Every task is idempotent and leaves a done marker (a map task's
+JSON marker; a reduce task's margin file, published only when complete), so a re-run with the
+same arguments resumes where a killed run stopped.
 """
 
 from __future__ import annotations
@@ -246,16 +247,17 @@ def _execute(prepared: _Prepared, client: Client, clock: runner.StageClock) -> M
         no_position = _warn_rows_without_coordinates(results, args.fine_filtering)
     reduce_tasks = _reduce_tasks(plan, results)
     with clock("reducing"):
-        done = _done_keys(plan.layout.base / "reducing") if resumed else set()
+        done = _published(plan.build_path, reduce_tasks) if resumed else set()
         todo = [t for t in reduce_tasks if t.key not in done]
-        runner.run_stage(
+        reduced = runner.run_stage(
             client, "Reducing", reducing.reduce_pixel, todo,
             progress_bar=args.progress_bar, skipped=len(reduce_tasks) - len(todo), resume_hint=hint,
         )
     with clock("finishing"), runner.progress("Finishing", 2, args.progress_bar) as bar:
         try:
             lock.set_phase("finishing")
-            summary = finishing.finish(plan, {t.pixel: t.expected_rows for t in reduce_tasks})
+            footers = {tuple(r["pixel"]): r["footer"] for r in reduced.values()}
+            summary = finishing.finish(plan, {t.pixel: t.expected_rows for t in reduce_tasks}, footers)
             bar.update(1)
             finishing.clean_up(plan)
             _publish(plan)
@@ -429,6 +431,27 @@ def _done_keys(directory: UPath) -> set[str]:
     if not directory.exists():
         return set()
     return {p.name[: -len(".json")] for p in directory.iterdir() if p.name.endswith(".json")}
+
+
+def _published(build_path: UPath, reduce_tasks: list) -> set[str]:
+    """Keys of the reduce tasks whose margin file an earlier run published with the rows the map
+    stage sent it: a file is renamed to its final name only when complete, so it is the task's done
+    marker. One listing of the dataset directory, then the footers of the files found."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hats_margin.io import file_key, listed_files, read_footer
+
+    def rows(task) -> int | None:
+        try:
+            return read_footer(task.output_file).num_rows
+        except (OSError, ValueError):  # unreadable (pyarrow's ArrowInvalid is a ValueError): redo it
+            return None
+
+    listed = listed_files(build_path / "dataset")
+    found = [t for t in reduce_tasks if file_key(t.output_file) in listed]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        counts = list(pool.map(rows, found))
+    return {t.key for t, n in zip(found, counts) if n == t.expected_rows}
 
 
 def _reduce_tasks(plan, map_results: dict[str, dict]) -> list:

@@ -199,8 +199,9 @@ def map_markers_at_least(run: Run, n: int):
     return lambda: count(run.base / "mapping") >= n
 
 
-def reduce_markers_at_least(run: Run, n: int):
-    return lambda: count(run.base / "reducing") >= n
+def margin_files_at_least(run: Run, n: int):
+    """n margin files published (a reduce task's file is its done marker)."""
+    return lambda: count(run.target / "dataset", "Norder=*/Dir=*/Npix=*") >= n
 
 
 def exists(path: Path):
@@ -215,7 +216,6 @@ def snapshot(run: Run) -> dict:
         "lock": (target / ".hats-margin.lock").exists(),
         "run_json": (run.base / "run.json").exists(),
         "map_markers": count(run.base / "mapping"),
-        "reduce_markers": count(run.base / "reducing"),
         "shards": count(run.base / "shards", "*.arrow"),
         "margin_files": count(target / "dataset", "Norder=*/Dir=*/Npix=*"),
         # a margin file being written (published under its final name only when complete)
@@ -231,7 +231,7 @@ def snapshot(run: Run) -> dict:
 def stage_of(state: dict) -> str:
     if state["hats_properties"] or state["properties_tmp"] or state["partition_info"] or state["metadata"]:
         return "finishing"
-    if state["reduce_markers"] or state["margin_files"] or state["margin_temps"]:
+    if state["margin_files"] or state["margin_temps"]:
         return "reducing"
     if state["map_markers"] or state["shards"]:
         return "mapping"
@@ -256,7 +256,8 @@ def resume_and_check(client, run: Run, state: dict, baseline: Path, n_map_tasks:
         assert result.skipped_tasks["mapping"] == n_map_tasks
     elif state["run_json"]:
         assert result.skipped_tasks["mapping"] == state["map_markers"], (result.skipped_tasks, state)
-        assert result.skipped_tasks["reducing"] == state["reduce_markers"], (result.skipped_tasks, state)
+        # a published margin file is its reduce task's done marker
+        assert result.skipped_tasks["reducing"] == state["margin_files"], (result.skipped_tasks, state)
     else:
         assert result.skipped_tasks == {"mapping": 0, "reducing": 0}, (result.skipped_tasks, state)
     assert not run.base.exists(), "the intermediate files must be removed after success"

@@ -19,7 +19,8 @@ package. Points (``:N`` = at the N-th occurrence); the map/reduce points need ``
     map-shard-closed:N    after the N-th map task's shard is complete, before its done marker
     map-marker:N          after the N-th map done marker
     reduce-write:N        after the N-th write into a margin file (a partial parquet file)
-    reduce-marker:N       after the N-th reduce done marker
+    reduce-publish:N      after the N-th margin file is renamed into place (a reduce task's
+                          done marker: no marker file per margin pixel)
     after-metadata        finishing: _metadata and _common_metadata written
     after-properties-tmp  finishing: .hats.properties.tmp written, not yet renamed
     after-properties      finishing: hats.properties and properties written, before clean-up
@@ -91,8 +92,8 @@ def install(point: str, action=None):
         after(mapping, "write_json", nth, action)
     elif name == "reduce-write":
         after(io.MarginFileWriter, "write", nth, action)
-    elif name == "reduce-marker":
-        after(reducing, "write_json", nth, action)
+    elif name == "reduce-publish":
+        after(reducing, "publish", nth, action)
     elif name == "after-metadata":
         after(finishing, "write_metadata_files", nth, action)
     elif name == "after-properties-tmp":

@@ -38,8 +38,8 @@ from harness import (
     finish,
     kill_group,
     map_markers_at_least,
+    margin_files_at_least,
     random_delays,
-    reduce_markers_at_least,
     resume_and_check,
     snapshot,
     spawn,
@@ -128,8 +128,8 @@ EXACT_POINTS = [
     ("map-marker:13", "mapping"),
     ("map-marker:14", "mapping"),
     ("reduce-write:1", "reducing"),
-    ("reduce-marker:1", "reducing"),
-    ("reduce-marker:12", "reducing"),
+    ("reduce-publish:1", "reducing"),
+    ("reduce-publish:12", "reducing"),
     ("after-metadata", "finishing"),
     ("after-properties-tmp", "finishing"),
     ("after-properties", "finishing"),
@@ -150,8 +150,8 @@ def test_sweep_exact_points(client, baselines, source_copy, sentinels, tmp_path,
 WATCHED = {
     "first-map-marker": lambda run: map_markers_at_least(run, 1),
     "half-map-markers": lambda run: map_markers_at_least(run, 7),
-    "first-reduce-marker": lambda run: reduce_markers_at_least(run, 1),
-    "first-margin-file": lambda run: lambda: any((run.target / "dataset").glob("Norder=*/Dir=*/Npix=*")),
+    "first-margin-file": lambda run: margin_files_at_least(run, 1),
+    "half-margin-files": lambda run: margin_files_at_least(run, 7),
     "partition-info": lambda run: exists(run.target / "partition_info.csv"),
 }
 
@@ -182,8 +182,8 @@ def test_killed_twice_then_resumed(client, baselines, source_copy, sentinels, tm
     run = Run(source_copy, tmp_path / "out", True, tmp_path / "tmp")
     finish(spawn(run, tmp_path / "run1.log", threads=True, die_at="map-marker:4"), killed=True)
     first = snapshot(run)
-    finish(spawn(run, tmp_path / "run2.log", threads=True, die_at="reduce-marker:3"), killed=True)
+    finish(spawn(run, tmp_path / "run2.log", threads=True, die_at="reduce-publish:3"), killed=True)
     second = snapshot(run)
-    assert first["map_markers"] == 4 and second["map_markers"] == N_MAP_TASKS and second["reduce_markers"] == 3
+    assert first["map_markers"] == 4 and second["map_markers"] == N_MAP_TASKS and second["margin_files"] == 3
     assert "done in an earlier run, skipped" in (tmp_path / "run2.log").read_text()
     resume_and_check(client, run, second, baselines(True), N_MAP_TASKS)

@@ -22,8 +22,8 @@ from hats_margin.io import (
     canonical_path,
     is_local,
     iter_files_size,
-    output_file,
     read_footer,
+    relative_file,
     write_metadata_files,
 )
 from hats_margin.properties import MARGIN_KEYS, properties_text, sort_breadth_first, write_partition_info
@@ -31,21 +31,26 @@ from hats_margin.properties import MARGIN_KEYS, properties_text, sort_breadth_fi
 logger = logging.getLogger(__name__)
 
 
-def finish(plan, pixel_rows: dict[tuple[int, int], int]) -> dict:
-    """Write the catalog-level files; returns a summary."""
+def finish(plan, pixel_rows: dict[tuple[int, int], int], footers: dict | None = None) -> dict:
+    """Write the catalog-level files; returns a summary.
+
+    ``footers`` maps (order, pixel) to the footer its reduce task returned; only the files of the
+    other pixels (published by an earlier run that was resumed) are read back."""
     args, catalog = plan.args, plan.catalog
     target = plan.build_path
     pixels = sort_breadth_first((o, p) for (o, p), n in pixel_rows.items() if n > 0)
-    files = [output_file(target, o, p, args.npix_suffix, args.npix_parquet_name) for o, p in pixels]
+    relative = [relative_file(o, p, args.npix_suffix, args.npix_parquet_name) for o, p in pixels]
+    known = [(footers or {}).get(pixel) for pixel in pixels]
+    unread = [rel for rel, footer in zip(relative, known) if footer is None]
+    dataset = target / "dataset"
     with ThreadPoolExecutor(max_workers=16) as pool:
-        footers = list(pool.map(read_footer, files))
-    written = sum(f.num_rows for f in footers)
+        read = iter(list(pool.map(lambda rel: read_footer(dataset / rel), unread)))
+    footers_in_order = [next(read) if footer is None else footer for footer in known]
+    written = sum(f.num_rows for f in footers_in_order)
     expected = sum(pixel_rows.values())
     if written != expected:
         raise RuntimeError(f"the margin files hold {written} rows, the map stage sent {expected}")
-    dataset = str(target / "dataset").rstrip("/") + "/"
-    relative = [str(f)[len(dataset):] for f in files]
-    write_metadata_files(target, catalog.schema, list(zip(relative, footers)), args.create_metadata)
+    write_metadata_files(target, catalog.schema, list(zip(relative, footers_in_order)), args.create_metadata)
     write_partition_info(target, pixels)
     if args.create_plot:
         from hats_margin.plot import plot_margin

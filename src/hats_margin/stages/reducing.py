@@ -6,7 +6,10 @@ sorting each source's rows and writing the sources in range order gives a file s
 spatial index, with memory bounded by one source's rows plus one row group.
 
 The file is written under a temporary name beside its final one and renamed only when it
-holds every row: a failing reduce never truncates or half-writes a published file.
+holds every row: a failing reduce never truncates or half-writes a published file. So the
+published file is the task's done marker (a resumed run skips the pixels whose file is there
+with the expected rows): no marker file per margin pixel, which on a catalog of many small
+partitions cost as much as the reduce work itself (one file creation each).
 """
 
 from __future__ import annotations
@@ -20,11 +23,9 @@ from hats_margin.io import (
     MarginFileWriter,
     TempLayout,
     publish,
-    read_json,
     read_shard,
     remove_file,
     temporary_sibling,
-    write_json,
 )
 
 
@@ -53,11 +54,8 @@ class ReduceTask:
 
 
 def reduce_pixel(task: ReduceTask) -> dict:
-    """Write one margin pixel's file from its shards (skipped if its done marker says so)."""
-    marker = task.layout.reduce_marker(*task.pixel)
-    done = read_json(marker)
-    if done is not None and done.get("rows") == task.expected_rows:
-        return done
+    """Write one margin pixel's file from its shards; publishing it marks the task done. Returns
+    its rows and footer (finishing builds ``_metadata`` from the footers without re-reading)."""
     temporary = temporary_sibling(task.output_file)
     try:
         writer = MarginFileWriter(temporary, task.schema, task.write_kwargs)
@@ -77,6 +75,4 @@ def reduce_pixel(task: ReduceTask) -> dict:
         remove_file(temporary)
         exc.add_note(f"hats-margin: while reducing margin pixel Norder={task.pixel[0]}/Npix={task.pixel[1]}")
         raise
-    payload = {"pixel": list(task.pixel), "rows": writer.rows}
-    write_json(marker, payload)
-    return payload
+    return {"pixel": list(task.pixel), "rows": writer.rows, "footer": writer.metadata}
