@@ -17,13 +17,15 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hats.catalog import CatalogCollection
-from hats.catalog.dataset.collection_properties import CollectionProperties
 from upath import UPath
 
 from hats_margin.errors import InputCatalogError, describe_invalid
 from hats_margin.io import as_upath, is_local
+
+if TYPE_CHECKING:
+    from hats.catalog.dataset.collection_properties import CollectionProperties
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ def is_collection(path) -> bool:
 
 def read_properties(path) -> CollectionProperties:
     """The collection's properties; InputCatalogError when the file is unreadable or invalid."""
+    from hats.catalog.dataset.collection_properties import CollectionProperties  # only for collections (~1 s)
+
     path = as_upath(path)
     try:
         return CollectionProperties.read_from_dir(path)
@@ -52,6 +56,8 @@ def primary_path(path) -> UPath:
     path = as_upath(path)
     if not is_collection(path):
         return path
+    from hats.catalog import CatalogCollection
+
     properties = read_properties(path)
     primary = CatalogCollection.resolve_inner_path(
         path, properties.hats_primary_table_url, storage_options=dict(path.storage_options)
@@ -104,6 +110,6 @@ def register_margin(collection, margin) -> str | None:
         margins.append(name)
     values = properties.model_dump(by_alias=True, exclude_none=True)
     values.update({"all_margins": margins, "default_margin": default})
-    CollectionProperties(**values).to_properties_file(collection)
+    type(properties)(**values).to_properties_file(collection)
     logger.info("registered margin %s in %s (default margin: %s)", name, collection / COLLECTION_FILE, default)
     return name

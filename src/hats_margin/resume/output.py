@@ -181,7 +181,14 @@ def finish_earlier_run(plan: Plan):
 
 
 def is_valid_properties(target: UPath) -> bool:
-    """Whether ``target`` holds a properties file hats can read."""
+    """Whether ``target`` holds a properties file hats can read (hats is imported only when there
+    is a properties file to judge)."""
+    if not any((target / name).exists() for name in ("hats.properties", "properties")):
+        return False
+    from hats_margin.properties import plain_margin_is_valid
+
+    if plain_margin_is_valid(target):  # a margin as we write it: no need to import hats (~1 s)
+        return True
     from hats.catalog import TableProperties
 
     try:

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import hats
-from hats.catalog import TableProperties
-from hats.pixel_math import HealpixPixel
-from hats.pixel_math.healpix_pixel_function import sort_pixels
+from upath import UPath
 
 from hats_margin._version import __version__
 from hats_margin.io import (
@@ -28,6 +27,7 @@ from hats_margin.io import (
     relative_file,
     write_metadata_files,
 )
+from hats_margin.properties import MARGIN_KEYS, properties_text, sort_breadth_first, write_partition_info
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ def finish(plan: Plan, pixel_rows: dict[tuple[int, int], int], footers: dict | N
     other pixels (published by an earlier run that was resumed) are read back."""
     args, catalog = plan.args, plan.catalog
     target = plan.build_path
-    pixels = sort_pixels([HealpixPixel(o, p) for (o, p), n in pixel_rows.items() if n > 0])
-    relative = [relative_file(p.order, p.pixel, args.npix_suffix, args.npix_parquet_name) for p in pixels]
-    known = [(footers or {}).get((p.order, p.pixel)) for p in pixels]
+    pixels = sort_breadth_first((o, p) for (o, p), n in pixel_rows.items() if n > 0)
+    relative = [relative_file(o, p, args.npix_suffix, args.npix_parquet_name) for o, p in pixels]
+    known = [(footers or {}).get(pixel) for pixel in pixels]
     unread = [rel for rel, footer in zip(relative, known) if footer is None]
     dataset = target / "dataset"
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -55,21 +55,21 @@ def finish(plan: Plan, pixel_rows: dict[tuple[int, int], int], footers: dict | N
     if written != expected:
         raise RuntimeError(f"the margin files hold {written} rows, the map stage sent {expected}")
     write_metadata_files(target, catalog.schema, list(zip(relative, footers_in_order)), args.create_metadata)
-    lines = ["Norder,Npix"] + [f"{p.order},{p.pixel}" for p in pixels]
-    (target / "partition_info.csv").write_text("\n".join(lines) + "\n")
+    write_partition_info(target, pixels)
     if args.create_plot:
         from hats_margin.plot import plot_margin
 
         plot_margin(plan, pixel_rows, target / "margin_sky_map.png")
-    properties = _properties(plan, pixels, written)
-    _write_properties_last(properties, target)
-    return {"total_rows": written, "pixels": [(p.order, p.pixel) for p in pixels]}
+    _write_properties_last(_properties_text(plan, pixels, written), target)
+    return {"total_rows": written, "pixels": pixels}
 
 
-def _properties(plan: Plan, pixels, total_rows) -> TableProperties:
-    """The margin's ``hats.properties``: the primary's columns and index, the threshold, sky fraction and size of what was written."""
+def _properties_text(plan: Plan, pixels, total_rows) -> str:
+    """The margin's ``hats.properties``: the primary's columns and index, the threshold, sky
+    fraction and size of what was written. Written here in hats' own format; with
+    ``addl_hats_properties`` (any key hats knows, in hats' key order) hats writes it."""
     args, catalog = plan.args, plan.catalog
-    sky_fraction = round(sum(4.0 ** -p.order for p in pixels) / 12.0, 5)
+    sky_fraction = round(sum(4.0 ** -o for o, _ in pixels) / 12.0, 5)
     size_kb = int(sum(iter_files_size(plan.build_path / "dataset")) / 1024)
     values = {
         "catalog_name": args.output_artifact_name,
@@ -84,37 +84,45 @@ def _properties(plan: Plan, pixels, total_rows) -> TableProperties:
         "margin_threshold": float(plan.threshold_arcsec),
         "npix_suffix": args.npix_suffix,
         "moc_sky_fraction": sky_fraction,
-        "hats_order": max((p.order for p in pixels), default=catalog.highest_order),
+        "hats_order": max((o for o, _ in pixels), default=catalog.highest_order),
         "hats_estsize": size_kb,
     }
-    extra = dict(args.addl_hats_properties or {})
-    extra.update(
-        {
-            "hats_margin_order": int(plan.margin_order),
-            "hats_margin_fine_filtering": str(bool(args.fine_filtering)).lower(),
-            "hats_builder": f"hats-margin v{__version__}, hats v{hats.__version__}",
-            "hats_creation_date": datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M%Z"),
-            "hats_version": "v1.0",
-        }
-    )
-    return TableProperties(**values, **extra)
+    extra = {
+        "hats_margin_order": int(plan.margin_order),
+        "hats_margin_fine_filtering": str(bool(args.fine_filtering)).lower(),
+        "hats_builder": f"hats-margin v{__version__}, hats v{version('hats')}",
+        "hats_creation_date": datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M%Z"),
+        "hats_version": "v1.0",
+    }
+    if args.addl_hats_properties:
+        return _properties_text_by_hats(values, dict(args.addl_hats_properties) | extra)
+    return properties_text({key: values[name] for name, key in MARGIN_KEYS} | extra)
 
 
-def _write_properties_last(properties: TableProperties, target):
+def _properties_text_by_hats(values: dict, extra: dict) -> str:
+    """The properties text as hats' ``TableProperties`` writes it (validating the extra keys)."""
+    from hats.catalog import TableProperties
+
+    with tempfile.TemporaryDirectory(prefix="hats-margin-properties-") as tmp:
+        path = UPath(tmp) / "hats.properties"
+        TableProperties(**values, **extra).to_properties_file_path(path, initial_comments="HATS catalog")
+        return path.read_text(encoding="utf-8")
+
+
+def _write_properties_last(text: str, target):
     """Write ``hats.properties`` (by rename where local), then its ``properties`` copy.
 
     Called last: a directory without ``hats.properties`` is not a valid catalog, so a run that
     dies earlier leaves nothing that looks finished.
     """
     tmp = target / ".hats.properties.tmp"
-    properties.to_properties_file_path(tmp, initial_comments="HATS catalog")
-    text = tmp.read_text()
+    tmp.write_text(text, encoding="utf-8")
     if is_local(target):
         os.replace(Path(tmp.path), Path((target / "hats.properties").path))
     else:
-        (target / "hats.properties").write_text(text)
+        (target / "hats.properties").write_text(text, encoding="utf-8")
         tmp.unlink(missing_ok=True)
-    (target / "properties").write_text(text)
+    (target / "properties").write_text(text, encoding="utf-8")
 
 
 def clean_up(plan: Plan):
