@@ -30,7 +30,7 @@ import re
 from upath import UPath
 
 from hats_margin.io import is_local, read_json, remove_file, remove_tree, write_json
-from hats_margin.resume import LOCK_NAME
+from hats_margin.lock import LOCK_NAME
 
 logger = logging.getLogger(__name__)
 

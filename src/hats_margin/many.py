@@ -19,29 +19,28 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
-from hats_margin import notify, runner
+from hats_margin import notify, resume, runner
 from hats_margin.errors import OutputExistsError, StageFailedError
 from hats_margin.io import read_json
 from hats_margin.orchestrator import (
-    _COMPLETE,
     ManyMarginsResult,
     MarginCacheResult,
     _complete_earlier_run,
-    _done_keys,
-    _prepare_output,
     _Prepared,
-    _publish,
-    _published,
-    _reduce_tasks,
 )
 from hats_margin.prechecks import precheck
-from hats_margin.resume import OutputLock
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distributed import Client
+
+    from hats_margin.arguments import MarginCacheArguments
 
 logger = logging.getLogger(__name__)
 
 
-def pipeline_many(args, client) -> ManyMarginsResult:
+def pipeline_many(args: MarginCacheArguments, client: Client | None) -> ManyMarginsResult:
     """Plan every margin (no worker), map once, reduce and finish each; email the outcome once."""
     start = time.perf_counter()
     clock = runner.StageClock()
@@ -74,7 +73,7 @@ def pipeline_many(args, client) -> ManyMarginsResult:
     return outcome
 
 
-def _prepare_many(args, clock) -> list[_Prepared]:
+def _prepare_many(args: MarginCacheArguments, clock: runner.StageClock) -> list[_Prepared]:
     """Check every margin's output, plan them all from one opening of the input, and take every
     margin's output lock (released again if any margin is refused)."""
     with clock("planning"):
@@ -89,22 +88,15 @@ def _prepare_many(args, clock) -> list[_Prepared]:
             try:
                 for plan in plans:
                     planning.warn_on_large_margin(plan)
-                    lock = OutputLock(plan.args.catalog_path, plan.fingerprint)
-                    lock.acquire()
-                    try:
-                        resumed = _prepare_output(plan, lock)
-                    except BaseException:
-                        lock.release()
-                        raise
-                    prepared.append(_Prepared(plan, lock, resumed))
+                    prepared.append(_Prepared(plan, resume.start(plan)))
                     bar.update(1)
             except BaseException:
                 for item in prepared:
                     item.lock.release()
                 raise
     lead = next(p for p in prepared if p.plan.margin_index == 0)
-    unfinished = [p.plan.args.output_artifact_name for p in prepared if p.resumed != _COMPLETE]
-    if lead.resumed == _COMPLETE and unfinished:
+    unfinished = [p.plan.args.output_artifact_name for p in prepared if not p.start.complete]
+    if lead.start.complete and unfinished:
         for item in prepared:
             item.lock.release()
         raise OutputExistsError(
@@ -115,17 +107,19 @@ def _prepare_many(args, clock) -> list[_Prepared]:
     return prepared
 
 
-def _execute_many(prepared: list[_Prepared], client, clock) -> list[MarginCacheResult]:
+def _execute_many(
+    prepared: list[_Prepared], client: Client, clock: runner.StageClock
+) -> list[MarginCacheResult]:
     """Map once (the largest margin's tasks), reduce every unfinished margin, finish each (largest
     last), then clean up and publish each (largest last)."""
-    from hats_margin.stages import finishing, mapping, reducing
+    from hats_margin.stages import finishing, mapping, planning, reducing
 
     lead = next(p for p in prepared if p.plan.margin_index == 0).plan
     args = lead.args
-    todo_margins = [p for p in prepared if p.resumed != _COMPLETE]
+    todo_margins = [p for p in prepared if not p.start.complete]
     results: dict[str, MarginCacheResult] = {}
     for item in prepared:
-        if item.resumed == _COMPLETE:  # a dead run of the same margins had written it
+        if item.start.complete:  # a dead run of the same margins had written it
             results[item.plan.args.output_artifact_name] = _complete_earlier_run(item.plan, clock)
     if todo_margins:
         hint = (
@@ -133,9 +127,9 @@ def _execute_many(prepared: list[_Prepared], client, clock) -> list[MarginCacheR
             + ", ".join(str(p.plan.layout.base) for p in todo_margins)
             + "."
         )
-        lead_resumed = next(p for p in prepared if p.plan.margin_index == 0).resumed
+        lead_start = next(p for p in prepared if p.plan.margin_index == 0).start
         with clock("mapping"):
-            done = _done_keys(lead.layout.base / "mapping") if lead_resumed else set()
+            done = lead_start.done_maps()
             todo = [t for t in lead.map_tasks if t.key not in done]
             skipped_map = len(lead.map_tasks) - len(todo)
             map_results = runner.run_stage(
@@ -145,13 +139,12 @@ def _execute_many(prepared: list[_Prepared], client, clock) -> list[MarginCacheR
             for task in lead.map_tasks:
                 if task.key not in map_results:
                     map_results[task.key] = read_json(lead.layout.map_marker(*task.source))
-        reduce_tasks = {id(p): _reduce_tasks(p.plan, map_results) for p in todo_margins}
+        reduce_tasks = {id(p): planning.make_reduce_tasks(p.plan, map_results) for p in todo_margins}
         with clock("reducing"):
             todo, skipped = [], 0
             for item in todo_margins:
                 tasks = reduce_tasks[id(item)]
-                # a published margin file holding the rows the map stage sent is its task's marker
-                done = _published(item.plan.build_path, tasks) if item.resumed else set()
+                done = item.start.done_reduces(tasks)
                 for task in tasks:
                     if task.key in done:
                         skipped += 1
@@ -176,7 +169,7 @@ def _execute_many(prepared: list[_Prepared], client, clock) -> list[MarginCacheR
                     bar.update(1)
                 for item in ranked:
                     finishing.clean_up(item.plan)
-                    _publish(item.plan)
+                    resume.publish(item.plan)
                     bar.update(1)
             except Exception as exc:
                 raise StageFailedError("finishing", {"finishing": exc}, hint) from exc

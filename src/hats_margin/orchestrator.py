@@ -23,45 +23,27 @@ same arguments resumes where a killed run stopped.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from upath import UPath
 
-from hats_margin import artifact, notify, runner
+from hats_margin import notify, resume, runner
 from hats_margin.arguments import MarginCacheArguments
-from hats_margin.errors import ArgumentError, OutputExistsError, StageFailedError
-from hats_margin.geometry import MAX_ORDER
-from hats_margin.io import read_json, remove_owned, remove_tree
-from hats_margin.prechecks import exists_message, precheck
-from hats_margin.resume import LOCK_NAME, OutputLock, fingerprint_digest, prepare_intermediate
+from hats_margin.errors import ArgumentError, StageFailedError
+from hats_margin.io import read_json
+from hats_margin.prechecks import precheck
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
+
+    from hats_margin.stages.planning import Plan
 
 # hats, the stages and dask.distributed are imported when first needed: a mistake in the
 # arguments or the output location is reported before they load (about a second).
 
 logger = logging.getLogger(__name__)
-
-# names a hats-margin run may leave in its artifact directory before it succeeds
-_OUR_NAMES = {
-    "dataset",
-    "intermediate",
-    "partition_info.csv",
-    "hats.properties",
-    "properties",
-    ".hats.properties.tmp",
-    "margin_sky_map.png",
-    LOCK_NAME,
-}
-# temporary file of an atomic lock rewrite cut short (io.write_json's naming)
-_OUR_TEMP = re.compile(r"^\." + re.escape(LOCK_NAME) + r"\.\d+\.tmp$")
-# returned by _prepare_output: a dead run with the same values had written the whole catalog
-_COMPLETE = "complete"
-
 
 @dataclass
 class MarginCacheResult:
@@ -125,9 +107,12 @@ class ManyMarginsResult:
 class _Prepared:
     """A planned run that holds the output lock: everything checked, no worker needed yet."""
 
-    plan: object
-    lock: OutputLock
-    resumed: bool | str
+    plan: Plan
+    start: resume.Start
+
+    @property
+    def lock(self) -> resume.OutputLock:
+        return self.start.lock
 
 
 def pipeline(args: MarginCacheArguments) -> MarginCacheResult | ManyMarginsResult:
@@ -156,7 +141,7 @@ def _check_args(args):
         raise ArgumentError(f"args must be MarginCacheArguments, not {type(args).__name__}")
 
 
-def _pipeline(args: MarginCacheArguments, client: Client | None) -> MarginCacheResult:
+def _pipeline(args: MarginCacheArguments, client: Client | None) -> MarginCacheResult | ManyMarginsResult:
     """Plan (no worker), then run the stages on ``client`` or on a local cluster started for them;
     email the outcome. The elapsed time covers the whole call."""
     if args.margins:
@@ -168,7 +153,7 @@ def _pipeline(args: MarginCacheArguments, client: Client | None) -> MarginCacheR
     try:
         prepared = _prepare(args, clock)
         try:
-            if prepared.resumed == _COMPLETE:
+            if prepared.start.complete:
                 result = _complete_earlier_run(prepared.plan, clock)
             elif client is not None:
                 result = _execute(prepared, client, clock)
@@ -212,29 +197,23 @@ def _prepare(args: MarginCacheArguments, clock: runner.StageClock) -> _Prepared:
             plan = planning.make_plan(args)
             planning.warn_on_large_margin(plan)
             bar.update(1)
-            lock = OutputLock(args.catalog_path, plan.fingerprint)
-            lock.acquire()
-            try:
-                resumed = _prepare_output(plan, lock)
-            except BaseException:
-                lock.release()
-                raise
+            start = resume.start(plan)
             bar.update(2)
-    return _Prepared(plan, lock, resumed)
+    return _Prepared(plan, start)
 
 
 def _execute(prepared: _Prepared, client: Client, clock: runner.StageClock) -> MarginCacheResult:
     """Map, reduce and finish on the cluster (the lock is held by the caller)."""
-    from hats_margin.stages import finishing, mapping, reducing
+    from hats_margin.stages import finishing, mapping, planning, reducing
 
-    plan, lock, resumed = prepared.plan, prepared.lock, prepared.resumed
+    plan, start = prepared.plan, prepared.start
     args = plan.args
     hint = (
         f"Fix the cause and run again with the same arguments to resume; work done so far is kept in "
         f"{plan.layout.base}."
     )
     with clock("mapping"):
-        done = _done_keys(plan.layout.base / "mapping") if resumed else set()
+        done = start.done_maps()
         todo = [t for t in plan.map_tasks if t.key not in done]
         skipped_map = len(plan.map_tasks) - len(todo)
         results = runner.run_stage(
@@ -245,9 +224,9 @@ def _execute(prepared: _Prepared, client: Client, clock: runner.StageClock) -> M
             if task.key not in results:
                 results[task.key] = read_json(plan.layout.map_marker(*task.source))
         no_position = _warn_rows_without_coordinates(results, args.fine_filtering)
-    reduce_tasks = _reduce_tasks(plan, results)
+    reduce_tasks = planning.make_reduce_tasks(plan, results)
     with clock("reducing"):
-        done = _published(plan.build_path, reduce_tasks) if resumed else set()
+        done = start.done_reduces(reduce_tasks)
         todo = [t for t in reduce_tasks if t.key not in done]
         reduced = runner.run_stage(
             client, "Reducing", reducing.reduce_pixel, todo,
@@ -255,12 +234,12 @@ def _execute(prepared: _Prepared, client: Client, clock: runner.StageClock) -> M
         )
     with clock("finishing"), runner.progress("Finishing", 2, args.progress_bar) as bar:
         try:
-            lock.set_phase("finishing")
+            start.lock.set_phase("finishing")
             footers = {tuple(r["pixel"]): r["footer"] for r in reduced.values()}
             summary = finishing.finish(plan, {t.pixel: t.expected_rows for t in reduce_tasks}, footers)
             bar.update(1)
             finishing.clean_up(plan)
-            _publish(plan)
+            resume.publish(plan)
         except Exception as exc:
             raise StageFailedError("finishing", {"finishing": exc}, hint) from exc
         bar.update(1)
@@ -296,136 +275,13 @@ def _warn_rows_without_coordinates(map_results: dict[str, dict], fine_filtering:
     return total
 
 
-def _prepare_output(plan, lock: OutputLock) -> bool | str:
-    """Decide what to do with what is already at the output, and where to build (sets
-    ``plan.build_path``). Returns True when resuming, and _COMPLETE when a dead run with the same
-    values had already written the whole catalog.
+def _complete_earlier_run(plan: Plan, clock: runner.StageClock) -> MarginCacheResult:
+    """Finish what a dead run with the same values left (its catalog is written) and report it."""
+    from hats.catalog import TableProperties
 
-    Without overwrite only a directory a run of ours claimed (artifact.claim) is cleared or
-    resumed into. With overwrite, old contents (a valid catalog, files not ours) stay in place
-    until the new catalog, built in a claimed staging directory, is complete (artifact.swap_in)."""
     args, target = plan.args, plan.args.catalog_path
-    staging = target / artifact.STAGING_NAME
-    current = fingerprint_digest(plan.fingerprint)
-    for path in target.iterdir():
-        if _OUR_TEMP.match(path.name):
-            path.unlink(missing_ok=True)  # a lock write cut short by a crash
-    finished = artifact.recover_swap(target)
-    if finished and args.resume and finished.get("fingerprint") == current:
-        return _COMPLETE
-    staged = artifact.owner(staging)
-    names = artifact.entries(target) - {artifact.OWNER_NAME} - ({artifact.STAGING_NAME} if staged else set())
-    ours = artifact.owner(target) is not None and names <= _OUR_NAMES
-    valid = _is_valid_properties(target)
-    if valid or (names and not ours):
-        if staged and args.resume and staged.get("fingerprint") == current and _is_valid_properties(staging):
-            plan.build_path = staging
-            return _COMPLETE
-        if valid and not staged and args.resume and _written_by_same_run(plan, lock):
-            return _COMPLETE
-        if not args.overwrite:
-            if valid:
-                raise OutputExistsError(exists_message(target))
-            foreign = sorted(names - _OUR_NAMES) or sorted(names)
-            raise OutputExistsError(
-                f"{target} exists and holds files hats-margin did not write ({', '.join(foreign[:5])}); "
-                "choose another output_artifact_name, or pass overwrite=True to replace its contents"
-            )
-        logger.info("overwrite=True: the new catalog is built in %s; %s keeps its contents until it is complete",
-                    staging, target)
-        if not staged and staging.exists():
-            remove_tree(staging)  # not claimed: not a build of ours, but inside the artifact directory
-        plan.build_path = staging
-    else:
-        if staged:
-            artifact.remove_claimed(staging)  # a replacement whose old contents are gone
-        if artifact.owner(target) is None:
-            artifact.claim(target, current)  # empty: ours from now on, before anything is written
-    resumed = prepare_intermediate(plan.layout, plan.fingerprint, args.resume)
-    if not resumed:
-        for name in ("hats.properties", "properties", "partition_info.csv", "margin_sky_map.png"):
-            path = plan.build_path / name
-            if path.exists():
-                remove_tree(path) if path.is_dir() else path.unlink()
-        kept = remove_owned(plan.build_path / "dataset", _dataset_owns(args.npix_suffix, args.npix_parquet_name))
-        if kept:  # at every depth, only what a run of ours writes there (issue 13 items 2 and 4)
-            logger.warning("kept %d file(s) in %s that hats-margin did not write: %s",
-                           len(kept), plan.build_path / "dataset", ", ".join(kept[:5]))
-        artifact.claim(plan.build_path, current)
-    elif plan.build_path == staging and not staged:
-        artifact.claim(staging, current)
-    return resumed
-
-
-def _dataset_owns(npix_suffix: str, npix_parquet_name: str | None):
-    """Whether a path below dataset/ is a name a run with this suffix writes: Norder=K/Dir=D/,
-    the pixel files (and their hidden temporary names), _metadata and _common_metadata."""
-    if npix_suffix in ("/", "\\"):
-        inner = re.escape(npix_parquet_name) if npix_parquet_name else r"Npix=\d+\.parquet"
-        leaf = r"Npix=\d+(/\.?" + inner + r"(\.tmp)?)?"
-    else:
-        leaf = r"\.?Npix=\d+" + re.escape(npix_suffix) + r"(\.tmp)?"
-    pattern = re.compile(r"_metadata|_common_metadata|Norder=\d+(/Dir=\d+(/" + leaf + r")?)?")
-    return lambda relative: pattern.fullmatch(relative) is not None
-
-
-def _publish(plan):
-    """The catalog is complete: swap it in if it was built beside old contents, else drop the claim."""
-    target = plan.args.catalog_path
-    if plan.build_path != target:
-        artifact.swap_in(target, plan.build_path)
-    else:
-        artifact.release(target)
-
-
-def _is_valid_properties(target: UPath) -> bool:
-    """Whether ``target`` holds a properties file hats can read (hats is imported only when there
-    is a properties file to judge)."""
-    if not any((target / name).exists() for name in ("hats.properties", "properties")):
-        return False
-    from hats_margin.properties import plain_margin_is_valid
-
-    if plain_margin_is_valid(target):  # a margin as we write it: no need to import hats (~1 s)
-        return True
-    from hats.catalog import TableProperties
-
-    try:
-        TableProperties.read_from_dir(target)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
-
-
-def _written_by_same_run(plan, lock: OutputLock) -> bool:
-    """Was the valid catalog at the output written by a run with the same values that then died
-    (before its clean-up ended)? Its run.json says so, or, once that is deleted, its stale lock."""
-    recorded = read_json(plan.layout.run_file) or {}
-    if recorded.get("fingerprint") == plan.fingerprint:
-        return True
-    if (artifact.owner(plan.args.catalog_path) or {}).get("fingerprint") == fingerprint_digest(plan.fingerprint):
-        return True  # the claim of a run with these values that had not yet released it
-    previous = lock.taken_over or {}
-    return previous.get("phase") == "finishing" and previous.get("fingerprint") == fingerprint_digest(
-        plan.fingerprint
-    )
-
-
-def _complete_earlier_run(plan, clock) -> MarginCacheResult:
-    """Finish what a dead run with the same values left: its catalog is written, only the copy of
-    the properties and the clean-up of the intermediate files may be missing."""
-    from hats.catalog import TableProperties
-
-    from hats_margin.stages import finishing
-
-    args, built, target = plan.args, plan.build_path, plan.args.catalog_path
-    logger.info("%s was fully written by an earlier run with the same values; finishing its clean-up", built)
     with clock("finishing"):
-        if not (built / "properties").exists():
-            (built / "properties").write_text((built / "hats.properties").read_text())
-        if plan.layout.base.exists():
-            prepare_intermediate(plan.layout, plan.fingerprint, resume=True)  # refuses what is not ours
-            finishing.clean_up(plan)
-        _publish(plan)
+        resume.finish_earlier_run(plan)
         properties = TableProperties.read_from_dir(target)
         lines = (target / "partition_info.csv").read_text().split()[1:]
         pixels = [tuple(int(x) for x in line.split(",")) for line in lines]
@@ -440,73 +296,3 @@ def _complete_earlier_run(plan, clock) -> MarginCacheResult:
         skipped_tasks={"mapping": len(plan.map_tasks), "reducing": len(pixels)},
     )
     return result
-
-
-def _done_keys(directory: UPath) -> set[str]:
-    """Keys (file names without ``.json``) of the done markers in ``directory``; empty if it does not exist."""
-    if not directory.exists():
-        return set()
-    return {p.name[: -len(".json")] for p in directory.iterdir() if p.name.endswith(".json")}
-
-
-def _published(build_path: UPath, reduce_tasks: list) -> set[str]:
-    """Keys of the reduce tasks whose margin file an earlier run published with the rows the map
-    stage sent it: a file is renamed to its final name only when complete, so it is the task's done
-    marker. One listing of the dataset directory, then the footers of the files found."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from hats_margin.io import file_key, listed_files, read_footer
-
-    def rows(task) -> int | None:
-        try:
-            return read_footer(task.output_file).num_rows
-        except (OSError, ValueError):  # unreadable (pyarrow's ArrowInvalid is a ValueError): redo it
-            return None
-
-    listed = listed_files(build_path / "dataset")
-    found = [t for t in reduce_tasks if file_key(t.output_file) in listed]
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        counts = list(pool.map(rows, found))
-    return {t.key for t, n in zip(found, counts) if n == t.expected_rows}
-
-
-def _reduce_tasks(plan, map_results: dict[str, dict]) -> list:
-    """One :class:`ReduceTask` per margin pixel that received rows, from the map tasks' markers
-    (several margins: only this plan's, read from the shared shards).
-
-    Each task's sources are sorted by spatial-index range, so its file comes out sorted; the
-    tasks are returned largest first.
-    """
-    from hats_margin.io import margin_write_kwargs, output_file
-    from hats_margin.stages import reducing
-
-    args, catalog = plan.args, plan.catalog
-    prefix = "" if plan.margin_index is None else f"{plan.margin_index}:"
-    sources: dict[tuple[int, int], list[tuple[int, int, tuple[int, ...], int]]] = {}
-    for payload in map_results.values():
-        source = tuple(payload["source"])
-        batches = payload.get("batches", {})
-        for key, n in payload["rows"].items():
-            if n and key.startswith(prefix) and (prefix or ":" not in key):
-                dest = tuple(int(x) for x in key[len(prefix):].split("_"))
-                sources.setdefault(dest, []).append((*source, tuple(batches[key]), n))
-    write_kwargs = margin_write_kwargs(catalog.schema, catalog.healpix_column, args.write_table_kwargs)
-    tasks = []
-    for dest, items in sources.items():
-        items.sort(key=lambda s: s[1] << (2 * (MAX_ORDER - s[0])))
-        tasks.append(
-            reducing.ReduceTask(
-                key=f"{prefix}{dest[0]}_{dest[1]}",
-                pixel=dest,
-                sources=tuple((o, p, b) for o, p, b, _ in items),
-                expected_rows=sum(n for *_, n in items),
-                output_file=output_file(plan.build_path, *dest, args.npix_suffix, args.npix_parquet_name),
-                schema=catalog.schema,
-                healpix_column=catalog.healpix_column,
-                write_kwargs=write_kwargs,
-                layout=plan.layout,
-                shard_layout=plan.shard_layout,
-            )
-        )
-    tasks.sort(key=lambda t: -t.expected_rows)
-    return tasks

@@ -15,7 +15,7 @@ from upath import UPath
 from hats_margin import artifact
 from hats_margin.errors import ArgumentError, InputCatalogError, OutputExistsError
 from hats_margin.io import TempLayout, as_upath, is_local, lists_partitions, path_relation
-from hats_margin.resume import LOCK_NAME
+from hats_margin.lock import LOCK_NAME
 
 
 def precheck(args) -> None:

@@ -74,7 +74,7 @@ def install(point: str, action=None):
     from hats_margin import artifact, io
     from hats_margin.stages import finishing, mapping, planning, reducing
 
-    pipeline = importlib.import_module("hats_margin.orchestrator")
+    pipeline = importlib.import_module("hats_margin.resume.output")
 
     name, _, count = point.partition(":")
     nth = int(count or 1)

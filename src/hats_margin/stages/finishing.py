@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from upath import UPath
 
@@ -30,8 +31,11 @@ from hats_margin.properties import MARGIN_KEYS, properties_text, sort_breadth_fi
 
 logger = logging.getLogger(__name__)
 
+if TYPE_CHECKING:  # pragma: no cover
+    from hats_margin.stages.planning import Plan
 
-def finish(plan, pixel_rows: dict[tuple[int, int], int], footers: dict | None = None) -> dict:
+
+def finish(plan: Plan, pixel_rows: dict[tuple[int, int], int], footers: dict | None = None) -> dict:
     """Write the catalog-level files; returns a summary.
 
     ``footers`` maps (order, pixel) to the footer its reduce task returned; only the files of the
@@ -60,7 +64,7 @@ def finish(plan, pixel_rows: dict[tuple[int, int], int], footers: dict | None = 
     return {"total_rows": written, "pixels": pixels}
 
 
-def _properties_text(plan, pixels, total_rows) -> str:
+def _properties_text(plan: Plan, pixels, total_rows) -> str:
     """The margin's ``hats.properties``: the primary's columns and index, the threshold, sky
     fraction and size of what was written. Written here in hats' own format; with
     ``addl_hats_properties`` (any key hats knows, in hats' key order) hats writes it."""
@@ -121,7 +125,7 @@ def _write_properties_last(text: str, target):
     (target / "properties").write_text(text, encoding="utf-8")
 
 
-def clean_up(plan):
+def clean_up(plan: Plan):
     """Remove what this run wrote in its intermediate directory (the directory too, and its
     tmp_dir/<name> parent, when nothing else is left in them)."""
     base = plan.layout.base

@@ -34,6 +34,7 @@ from hats_margin.io import (
     read_row_group,
     write_json,
 )
+from hats_margin.pixel import Pixel, margin_key
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class MapTask:
     """Everything one map task needs: one source partition and the destinations it can reach."""
 
     key: str
-    source: tuple[int, int]
+    source: Pixel
     catalog_root: UPath
     input_suffix: str
     dest_orders: np.ndarray
@@ -72,7 +73,7 @@ class MapTask:
         return leaf_path(self.catalog_root, *self.source, self.input_suffix)
 
 
-def map_partition(task) -> dict:
+def map_partition(task: MapTask) -> dict:
     """Run one map task; returns (and records in its done marker) rows sent per destination,
     and how many rows it saw without usable coordinates (NaN/inf/null ra or dec)."""
     marker = task.layout.map_marker(*task.source)
@@ -97,11 +98,11 @@ def map_partition(task) -> dict:
 def _marker_key(key: tuple[int, ...]) -> str:
     """``order_pixel`` of a destination; ``margin:order_pixel`` with several margins."""
     if len(key) == 3:
-        return f"{key[0]}:{key[1]}_{key[2]}"
-    return f"{key[0]}_{key[1]}"
+        return margin_key(Pixel(key[1], key[2]), key[0])
+    return margin_key(Pixel(*key))
 
 
-def _map(task) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], list[int]], int]:
+def _map(task: MapTask) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], list[int]], int]:
     """Rows sent per destination, the shard's record batches holding each destination's rows, and
     how many of the rows whose coordinates were checked have none (NaN/inf/null)."""
     dests = geometry.Tiling.from_pixels(task.dest_orders, task.dest_pixels)
@@ -158,7 +159,7 @@ class _RowGroup:
         return conform(pa.table([self.columns[n] for n in names], names=names), self.task.schema)
 
 
-def _map_row_group(task, dests, parquet, path, group, writers, first_row: int) -> int:
+def _map_row_group(task: MapTask, dests, parquet, path, group, writers, first_row: int) -> int:
     """Send the margin rows of one row group to the shard, grouped by destination. Returns how many
     of the rows whose coordinates were checked have none (NaN/inf/null)."""
     row_group = _RowGroup(task, parquet, path, group)
@@ -218,7 +219,7 @@ def _send(writers, table, dests, rows, dest_idx, prefix):
         writers.write(dest, selected.slice(lo, hi - lo))
 
 
-def _radec(task, row_group: _RowGroup) -> tuple[np.ndarray, np.ndarray]:
+def _radec(task: MapTask, row_group: _RowGroup) -> tuple[np.ndarray, np.ndarray]:
     """ra and dec of every row of the row group as float64 (decoded once, kept for the table)."""
     row_group.read([task.ra_column, task.dec_column])
     return _float_array(row_group.columns[task.ra_column]), _float_array(row_group.columns[task.dec_column])
@@ -231,7 +232,7 @@ def _float_array(column) -> np.ndarray:
     return np.asarray(column.cast(pa.float64()).fill_null(np.nan).to_numpy(), dtype=np.float64)
 
 
-def _check_coordinates(task, path, first_row, ra, dec, spatial_index, rows, positions=None) -> int:
+def _check_coordinates(task: MapTask, path, first_row, ra, dec, spatial_index, rows, positions=None) -> int:
     """Refuse rows whose ra/dec contradict their spatial index; return how many have none.
 
     ``rows`` selects rows of ``ra``/``dec``/``spatial_index`` (None: all of them);
@@ -253,7 +254,7 @@ def _check_coordinates(task, path, first_row, ra, dec, spatial_index, rows, posi
     return len(result.non_finite)
 
 
-def _check_rows_in_partition(task, path, spatial_index):
+def _check_rows_in_partition(task: MapTask, path, spatial_index):
     """Raise :class:`InputCatalogError` if any row's spatial index lies outside the task's source partition."""
     order, pixel = task.source
     owner = spatial_index >> (2 * (task.healpix_order - order))
@@ -266,7 +267,7 @@ def _check_rows_in_partition(task, path, spatial_index):
         )
 
 
-def _exact_filter(task, dests, ra, dec, spatial_index, rows, dest_idx, threshold=None):
+def _exact_filter(task: MapTask, dests, ra, dec, spatial_index, rows, dest_idx, threshold=None):
     """Keep the (row, destination) pairs within ``threshold`` (default: the task's) of the destination."""
     threshold = task.threshold_arcsec if threshold is None else threshold
     keep = pairs_within_threshold(

@@ -1,4 +1,5 @@
-"""Planning: check the input, resolve the margin order, and give each map task its own small spec.
+"""Planning: check the input, resolve the margin order, give each map task its own small spec,
+and (once the map tasks have run) one reduce task per margin pixel from their markers.
 
 Cost is O(partitions): the destination tiling (partitions + negative tree) is built once,
 and the destinations each source partition can reach come from one vectorised
@@ -27,14 +28,18 @@ from hats_margin.io import (
     leaf_files,
     leaf_path,
     lists_partitions,
+    margin_write_kwargs,
+    output_file,
     partition_identities,
     read_input_schema,
     scan_leaves,
 )
+from hats_margin.pixel import Pixel, margin_key, parse_margin_key
 from hats_margin.prechecks import check_input_directory, check_output_directories, check_path_relations
 from hats_margin.properties import CatalogProperties, read_catalog_properties, read_partitions
 from hats_margin.resume import digest
 from hats_margin.stages.mapping import MapTask
+from hats_margin.stages.reducing import ReduceTask
 
 logger = logging.getLogger(__name__)
 
@@ -375,8 +380,8 @@ def make_map_tasks(plan: Plan) -> list[MapTask]:
             search_order, rings = plan.margin_order, 1
         tasks.append(
             MapTask(
-                key=f"{order}_{pixel}",
-                source=(order, pixel),
+                key=Pixel(order, pixel).key,
+                source=Pixel(order, pixel),
                 catalog_root=catalog.path,
                 input_suffix=catalog.npix_suffix,
                 dest_orders=tiling.orders[tiles],
@@ -396,4 +401,44 @@ def make_map_tasks(plan: Plan) -> list[MapTask]:
         )
     # biggest first keeps both workers busy until the end
     tasks.sort(key=lambda t: t.source[0])
+    return tasks
+
+
+def make_reduce_tasks(plan: Plan, map_results: dict[str, dict]) -> list[ReduceTask]:
+    """One :class:`ReduceTask` per margin pixel that received rows, from the map tasks' markers
+    (several margins: only this plan's, read from the shared shards).
+
+    Each task's sources are sorted by spatial-index range, so its file comes out sorted; the
+    tasks are returned largest first.
+    """
+    args, catalog = plan.args, plan.catalog
+    sources: dict[Pixel, list[tuple[int, int, tuple[int, ...], int]]] = {}
+    for payload in map_results.values():
+        source = tuple(payload["source"])
+        batches = payload.get("batches", {})
+        for key, n in payload["rows"].items():
+            if not n:
+                continue
+            index, dest = parse_margin_key(key)
+            if index == plan.margin_index:
+                sources.setdefault(dest, []).append((*source, tuple(batches[key]), n))
+    write_kwargs = margin_write_kwargs(catalog.schema, catalog.healpix_column, args.write_table_kwargs)
+    tasks = []
+    for dest, items in sources.items():
+        items.sort(key=lambda s: s[1] << (2 * (geometry.MAX_ORDER - s[0])))
+        tasks.append(
+            ReduceTask(
+                key=margin_key(dest, plan.margin_index),
+                pixel=dest,
+                sources=tuple((o, p, b) for o, p, b, _ in items),
+                expected_rows=sum(n for *_, n in items),
+                output_file=output_file(plan.build_path, *dest, args.npix_suffix, args.npix_parquet_name),
+                schema=catalog.schema,
+                healpix_column=catalog.healpix_column,
+                write_kwargs=write_kwargs,
+                layout=plan.layout,
+                shard_layout=plan.shard_layout,
+            )
+        )
+    tasks.sort(key=lambda t: -t.expected_rows)
     return tasks

@@ -27,6 +27,7 @@ from hats_margin.io import (
     remove_file,
     temporary_sibling,
 )
+from hats_margin.pixel import Pixel
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class ReduceTask:
     """
 
     key: str
-    pixel: tuple[int, int]
+    pixel: Pixel
     sources: tuple[tuple[int, int, tuple[int, ...]], ...]
     """(order, pixel, record batches of its shard) of every source partition sending rows, in
     spatial-index order."""

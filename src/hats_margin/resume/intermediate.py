@@ -1,11 +1,9 @@
-"""Resume safety: a fingerprint of everything that determines the output, and the output lock.
+"""The intermediate directory of a run: its fingerprint in ``run.json``, resumed or discarded.
 
 A run records its fingerprint in ``<intermediate>/run.json`` before any task runs. A later
 run with ``resume=True`` continues only if every value matches; otherwise it refuses and
 names the values that changed. ``resume=False`` deletes only this run's own intermediate
-directory. The output lock lives in ``lock.py`` (re-exported here); it records the run's
-fingerprint and phase, so the next run can tell that a dead run had finished writing its
-catalog (and only its clean-up is left).
+directory.
 
 Invariant: while ``run.json`` exists, everything a done marker claims exists too. So
 intermediate files are always discarded ``run.json`` first, and a directory without
@@ -22,7 +20,7 @@ import time
 
 from hats_margin.errors import OutputExistsError, ResumeMismatchError
 from hats_margin.io import TempLayout, read_json, write_json
-from hats_margin.lock import LOCK_NAME, OutputLock, fingerprint_digest  # noqa: F401 - re-exported
+from hats_margin.pixel import Pixel
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +77,10 @@ def _describe_change(layout: TempLayout, key: str, was, now) -> str | None:
         if was.keys() != now.keys():
             return "input_files (the set of partition files changed)"
         edited = sorted(k for k in was if was[k] != now[k])
-        mapped = [k for k in edited if layout.map_marker(*(int(x) for x in k.split("_"))).exists()]
+        mapped = [k for k in edited if layout.map_marker(*Pixel.parse(k)).exists()]
         if not mapped:
             return None
-        shown = ", ".join("Norder={}/Npix={}".format(*k.split("_")) for k in mapped[:5])
+        shown = ", ".join("Norder={}/Npix={}".format(*Pixel.parse(k)) for k in mapped[:5])
         more = f" and {len(mapped) - 5} more" if len(mapped) > 5 else ""
         return (
             f"input_files ({len(mapped)} partition file(s) changed after that run had read them: {shown}{more}; "
