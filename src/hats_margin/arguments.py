@@ -299,9 +299,9 @@ class MarginCacheArguments:
     # ------------------------------------------------------------------ derived
     @property
     def catalog_path(self) -> UPath:
+        """``output_path / output_artifact_name`` (several margins: each of ``margins`` has its own)."""
         if self.margins:
             raise AttributeError("several margins: use each of args.margins")
-        """``output_path / output_artifact_name``."""
         return UPath(self.output_path) / self.output_artifact_name
 
     @property

@@ -602,6 +602,7 @@ def leaf_columns(schema: pa.Schema) -> list[tuple[str, pa.DataType]]:
     leaves = []
 
     def walk(dtype: pa.DataType, path: str):
+        """Visit ``dtype`` and its children (struct fields, list values, extension storage)."""
         if isinstance(dtype, pa.BaseExtensionType):
             walk(dtype.storage_type, path)
         elif pa.types.is_struct(dtype):

@@ -89,9 +89,11 @@ class ManyMarginsResult:
 
     @property
     def total_rows(self) -> int:
+        """Rows written over every margin."""
         return sum(m.total_rows for m in self.margins)
 
     def summary(self) -> str:
+        """One line for the run (whole time and stage split), then one per margin."""
         elapsed = sum(self.stage_seconds.values()) if self.elapsed_seconds is None else self.elapsed_seconds
         split = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in self.stage_seconds.items())
         lines = [f"{len(self.margins)} margins from one read of the catalog, {elapsed:.1f} s: {split}"]
@@ -112,6 +114,7 @@ class _Prepared:
 
     @property
     def lock(self) -> resume.OutputLock:
+        """The output lock this run holds."""
         return self.start.lock
 
 

@@ -418,6 +418,7 @@ class _Polyline:
     """
 
     def __init__(self, geom: _PixelGeometry, fine: int):
+        """Chords of ``geom``'s boundary, ``fine`` times denser than the coarse polyline."""
         self.fine = fine
         per_edge = _POLY_COARSE * fine
         t = np.arange(per_edge + 1, dtype=np.float64) / per_edge

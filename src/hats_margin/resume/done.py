@@ -28,6 +28,7 @@ def done_reduces(build_path: UPath, reduce_tasks: list[ReduceTask]) -> set[str]:
     stage sent it. One listing of the dataset directory, then the footers of the files found."""
 
     def rows(task: ReduceTask) -> int | None:
+        """Rows in the task's published file (None: unreadable, so redo it)."""
         try:
             return read_footer(task.output_file).num_rows
         except (OSError, ValueError):  # unreadable (pyarrow's ArrowInvalid is a ValueError): redo it
