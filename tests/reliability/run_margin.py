@@ -69,7 +69,6 @@ def after(owner, name: str, nth: int = 1, action=None):
 
 
 def install(point: str, action=None):
-    from hats.catalog import TableProperties
 
     from hats_margin import artifact, io
     from hats_margin.stages import finishing, mapping, planning, reducing
@@ -97,7 +96,7 @@ def install(point: str, action=None):
     elif name == "after-metadata":
         after(finishing, "write_metadata_files", nth, action)
     elif name == "after-properties-tmp":
-        after(TableProperties, "to_properties_file_path", nth, action)
+        after(finishing, "_write_properties_tmp", nth, action)
     elif name == "after-properties":
         after(finishing, "_write_properties_last", nth, action)
     elif name == "mid-clean-up":

@@ -109,14 +109,20 @@ def _properties_text_by_hats(values: dict, extra: dict) -> str:
         return path.read_text(encoding="utf-8")
 
 
+def _write_properties_tmp(text: str, target) -> UPath:
+    """The properties text under a hidden temporary name beside ``hats.properties``."""
+    tmp = target / ".hats.properties.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    return tmp
+
+
 def _write_properties_last(text: str, target):
     """Write ``hats.properties`` (by rename where local), then its ``properties`` copy.
 
     Called last: a directory without ``hats.properties`` is not a valid catalog, so a run that
     dies earlier leaves nothing that looks finished.
     """
-    tmp = target / ".hats.properties.tmp"
-    tmp.write_text(text, encoding="utf-8")
+    tmp = _write_properties_tmp(text, target)
     if is_local(target):
         os.replace(Path(tmp.path), Path((target / "hats.properties").path))
     else:
