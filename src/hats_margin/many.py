@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 from hats_margin import notify, resume, runner
 from hats_margin.errors import OutputExistsError, StageFailedError
-from hats_margin.io import read_json
 from hats_margin.orchestrator import (
     ManyMarginsResult,
     MarginCacheResult,
     _complete_earlier_run,
+    _map_stage,
     _Prepared,
 )
 from hats_margin.prechecks import precheck
@@ -112,7 +112,7 @@ def _execute_many(
 ) -> list[MarginCacheResult]:
     """Map once (the largest margin's tasks), reduce every unfinished margin, finish each (largest
     last), then clean up and publish each (largest last)."""
-    from hats_margin.stages import finishing, mapping, planning, reducing
+    from hats_margin.stages import finishing, planning, reducing
 
     lead = next(p for p in prepared if p.plan.margin_index == 0).plan
     args = lead.args
@@ -129,16 +129,7 @@ def _execute_many(
         )
         lead_start = next(p for p in prepared if p.plan.margin_index == 0).start
         with clock("mapping"):
-            done = lead_start.done_maps()
-            todo = [t for t in lead.map_tasks if t.key not in done]
-            skipped_map = len(lead.map_tasks) - len(todo)
-            map_results = runner.run_stage(
-                client, "Mapping", mapping.map_partition, todo,
-                progress_bar=args.progress_bar, skipped=skipped_map, resume_hint=hint,
-            )
-            for task in lead.map_tasks:
-                if task.key not in map_results:
-                    map_results[task.key] = read_json(lead.layout.map_marker(*task.source))
+            map_results, skipped_map = _map_stage(lead, lead_start, client, hint)
         reduce_tasks = {id(p): planning.make_reduce_tasks(p.plan, map_results) for p in todo_margins}
         with clock("reducing"):
             todo, skipped = [], 0

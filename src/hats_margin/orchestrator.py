@@ -205,9 +205,27 @@ def _prepare(args: MarginCacheArguments, clock: runner.StageClock) -> _Prepared:
     return _Prepared(plan, start)
 
 
+def _map_stage(plan, start, client: Client, hint: str) -> tuple[dict[str, dict], int]:
+    """Run the map tasks that are not done yet. Returns every map task's result (those done by an
+    earlier run read from their markers) and how many were skipped."""
+    from hats_margin.stages import mapping
+
+    done = start.done_maps()
+    todo = [t for t in plan.map_tasks if t.key not in done]
+    skipped = len(plan.map_tasks) - len(todo)
+    results = runner.run_stage(
+        client, "Mapping", mapping.map_partition, todo,
+        progress_bar=plan.args.progress_bar, skipped=skipped, resume_hint=hint,
+    )
+    for task in plan.map_tasks:
+        if task.key not in results:
+            results[task.key] = read_json(plan.layout.map_marker(*task.source))
+    return results, skipped
+
+
 def _execute(prepared: _Prepared, client: Client, clock: runner.StageClock) -> MarginCacheResult:
     """Map, reduce and finish on the cluster (the lock is held by the caller)."""
-    from hats_margin.stages import finishing, mapping, planning, reducing
+    from hats_margin.stages import finishing, planning, reducing
 
     plan, start = prepared.plan, prepared.start
     args = plan.args
@@ -216,16 +234,7 @@ def _execute(prepared: _Prepared, client: Client, clock: runner.StageClock) -> M
         f"{plan.layout.base}."
     )
     with clock("mapping"):
-        done = start.done_maps()
-        todo = [t for t in plan.map_tasks if t.key not in done]
-        skipped_map = len(plan.map_tasks) - len(todo)
-        results = runner.run_stage(
-            client, "Mapping", mapping.map_partition, todo,
-            progress_bar=args.progress_bar, skipped=skipped_map, resume_hint=hint,
-        )
-        for task in plan.map_tasks:
-            if task.key not in results:
-                results[task.key] = read_json(plan.layout.map_marker(*task.source))
+        results, skipped_map = _map_stage(plan, start, client, hint)
         no_position = _warn_rows_without_coordinates(results, args.fine_filtering)
     reduce_tasks = planning.make_reduce_tasks(plan, results)
     with clock("reducing"):
