@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,3 +43,19 @@ def tree_checksum(root: Path) -> str:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def moto_s3(server_class=None):
+    """A moto S3 server on loopback (any free port) for the duration of the block; yields the
+    storage options (endpoint, key, secret) that reach it."""
+    import moto.server as moto_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = (server_class or moto_server.ThreadedMotoServer)(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+    finally:
+        server.stop()

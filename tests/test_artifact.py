@@ -14,6 +14,7 @@ import pytest
 from upath import UPath
 
 from hats_margin import artifact
+from helpers import moto_s3
 
 OLD = {"hats.properties": "old props", "properties": "old props", "partition_info.csv": "old info",
        "dataset/_metadata": "old meta", "dataset/Norder=2/Dir=0/Npix=1.parquet": "old rows"}
@@ -120,19 +121,12 @@ def test_a_swap_cut_at_any_step_is_completed_by_the_next_run(tmp_path, monkeypat
 @pytest.fixture
 def s3_target():
     s3fs = pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+    pytest.importorskip("moto.server")
+    with moto_s3() as options:
         fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
         if not fs.exists("swap"):  # moto's store outlives one server in this process
             fs.mkdir("swap")
         yield UPath("s3://swap/margins/margin", **options)
-    finally:
-        server.stop()
 
 
 def test_a_swap_cut_in_each_phase_on_s3(s3_target, monkeypatch):

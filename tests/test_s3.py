@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 
 import hats
 import lsdb
@@ -14,6 +13,7 @@ from upath import UPath
 
 from hats_margin import ArgumentError, MarginCacheArguments, cli, pipeline_with_client
 from hats_margin.stages import reducing
+from helpers import moto_s3
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -26,18 +26,11 @@ THRESHOLD = 10
 @pytest.fixture(scope="module")
 def s3(catalogs):
     """A moto S3 server with the fixture catalog uploaded; yields its storage options."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+    with moto_s3() as options:
         fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
         fs.mkdir(BUCKET)
         fs.put(str(catalogs / CATALOG), f"{BUCKET}/catalogs/{CATALOG}", recursive=True)
         yield options
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ S3 server (moto) on loopback, several processes starting together."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import sys
@@ -22,6 +21,8 @@ s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 sys.path.insert(0, str(Path(__file__).parent / "reliability"))
 from test_lock_race import CONTENDERS, dead_pid, holders, race
+
+from helpers import moto_s3
 
 BUCKET = "locks"
 TRIALS = 25
@@ -57,16 +58,9 @@ class SerialMotoServer(moto_server.ThreadedMotoServer):
 
 @pytest.fixture(scope="module")
 def s3():
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = SerialMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+    with moto_s3(SerialMotoServer) as options:
         s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir(BUCKET)
         yield options
-    finally:
-        server.stop()
 
 
 def fs(options):
