@@ -47,13 +47,8 @@ def pipeline_many(args: MarginCacheArguments, client: Client | None) -> ManyMarg
     try:
         prepared = _prepare_many(args, clock)
         try:
-            if client is not None:
-                results = _execute_many(prepared, client, clock)
-            else:
-                with runner.local_client(
-                    args.dask_n_workers, args.dask_threads_per_worker, args.dask_tmp, clock
-                ) as own_client:
-                    results = _execute_many(prepared, own_client, clock)
+            with runner.client_for(args, client, clock) as run_client:
+                results = _execute_many(prepared, run_client, clock)
         finally:
             for item in prepared:
                 item.lock.release()

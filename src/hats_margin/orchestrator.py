@@ -158,13 +158,9 @@ def _pipeline(args: MarginCacheArguments, client: Client | None) -> MarginCacheR
         try:
             if prepared.start.complete:
                 result = _complete_earlier_run(prepared.plan, clock)
-            elif client is not None:
-                result = _execute(prepared, client, clock)
             else:
-                with runner.local_client(
-                    args.dask_n_workers, args.dask_threads_per_worker, args.dask_tmp, clock
-                ) as own_client:
-                    result = _execute(prepared, own_client, clock)
+                with runner.client_for(args, client, clock) as run_client:
+                    result = _execute(prepared, run_client, clock)
         finally:
             prepared.lock.release()
         from hats_margin import collection

@@ -186,6 +186,16 @@ class StageClock:
 
 
 @contextmanager
+def client_for(args, client: Client | None, clock: StageClock) -> Iterator[Client]:
+    """The caller's ``client``, else a local cluster made for this run from ``args.dask_*``."""
+    if client is not None:
+        yield client
+        return
+    with local_client(args.dask_n_workers, args.dask_threads_per_worker, args.dask_tmp, clock) as own_client:
+        yield own_client
+
+
+@contextmanager
 def local_client(n_workers: int, threads_per_worker: int, local_directory, clock: StageClock) -> Iterator[Client]:
     """A Dask client on a local cluster made for one run; its start and stop are timed on ``clock``.
 
