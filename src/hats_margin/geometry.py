@@ -243,30 +243,27 @@ def candidate_pairs(
         n_rows, n_dests = len(spatial_index), len(destinations)
         return np.tile(np.arange(n_rows, dtype=np.int64), n_dests), np.repeat(np.arange(n_dests, dtype=np.int64), n_rows)
     cells = np.asarray(spatial_index, dtype=np.int64) >> (2 * (index_order - search_order))
-    unique_cells, row_cell = np.unique(cells, return_inverse=True)
-    border = border_cell_mask(unique_cells, search_order, source_order, source_pixel, rings)
-    if not border.any():
+    # the border test per row (bit arithmetic, O(rows)); everything after it only touches the
+    # rows of border cells, a small fraction of a partition (no sort or unique over all rows)
+    rows = np.flatnonzero(border_cell_mask(cells, search_order, source_order, source_pixel, rings))
+    if len(rows) == 0:
         return empty, empty
-    border_cells = unique_cells[border]
+    border_cells, row_cell = np.unique(cells[rows], return_inverse=True)
     owner, nbr = neighbourhood(border_cells, search_order, rings)
     nbr_idx, dest_idx = destinations.overlapping(search_order, nbr)
-    cell_dest = np.unique(np.stack([owner[nbr_idx], dest_idx], axis=1), axis=0)
+    cell_dest = np.unique(np.stack([owner[nbr_idx], dest_idx], axis=1), axis=0)  # sorted by cell
     if len(cell_dest) == 0:
         return empty, empty
-    # map border-cell index back to unique-cell index, then to rows
-    border_pos = np.flatnonzero(border)
-    cell_of_pair = border_pos[cell_dest[:, 0]]
-    pair_order = np.argsort(cell_of_pair, kind="stable")
-    cell_of_pair, pair_dest = cell_of_pair[pair_order], cell_dest[pair_order, 1]
-    pair_lo = np.searchsorted(cell_of_pair, np.arange(len(unique_cells)), side="left")
-    pair_hi = np.searchsorted(cell_of_pair, np.arange(len(unique_cells)), side="right")
+    # every (row, destination) of the row's cell
+    pair_lo = np.searchsorted(cell_dest[:, 0], np.arange(len(border_cells)), side="left")
+    pair_hi = np.searchsorted(cell_dest[:, 0], np.arange(len(border_cells)), side="right")
     per_row = (pair_hi - pair_lo)[row_cell]
-    rows = np.repeat(np.arange(len(cells), dtype=np.int64), per_row)
+    out_rows = np.repeat(rows, per_row)
     first = np.repeat(pair_lo[row_cell], per_row)
     offsets = np.arange(per_row.sum(), dtype=np.int64) - np.repeat(np.cumsum(per_row) - per_row, per_row)
-    dests = pair_dest[first + offsets]
-    by_dest = np.lexsort((rows, dests))
-    return rows[by_dest], dests[by_dest]
+    dests = cell_dest[first + offsets, 1]
+    by_dest = np.lexsort((out_rows, dests))
+    return out_rows[by_dest], dests[by_dest]
 
 
 def negative_tree(orders, pixels) -> tuple[np.ndarray, np.ndarray]:
