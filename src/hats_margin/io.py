@@ -292,6 +292,8 @@ def open_parquet(path: UPath) -> pq.ParquetFile:
 def check_file_schema(file: pq.ParquetFile, path: UPath, schema: pa.Schema):
     """Every column of the catalog schema is present with a type that casts safely."""
     file_schema = file.schema_arrow
+    if file_schema.equals(schema, check_metadata=False):
+        return  # the usual case, one comparison (a column-by-column walk costs ~2 ms on 110 columns)
     for column in schema:
         if column.name not in file_schema.names:
             raise InputCatalogError(
