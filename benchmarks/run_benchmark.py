@@ -5,24 +5,29 @@
     python benchmarks/run_benchmark.py --catalog PATH --scaling
 
 Runs (each a separate subprocess, all with the same worker count, after one untimed pass that
-puts the catalog in the page cache):
+puts the catalog in the page cache), each the way a user runs it: the tool's own ``pipeline(args)``,
+which starts its own local Dask cluster from the arguments:
 
-* ``exact``: hats-margin, ``fine_filtering=True``;
-* ``coarse``: hats-margin, ``fine_filtering=False``;
-* ``importer``: hats-import 0.11.1's margin pipeline (coarse by construction), if importable
-  and not ``--no-importer``;
+* ``exact``: ``hats_margin.pipeline``, ``fine_filtering=True`` (what ``hats-margin build`` runs;
+  one worker runs as threads in the calling process, more are worker processes);
+* ``coarse``: the same with ``fine_filtering=False``;
+* ``importer``: hats-import 0.11.1's ``pipeline(args)`` with its margin arguments (coarse by
+  construction; it starts a local cluster of worker processes), if importable and not
+  ``--no-importer``;
 * ``floor``: ``benchmarks/floor.py``: read every partition once, write as many rows as the exact
   margin has (falls back to coarse, then importer) with the same parquet settings.
 
-For each run: whole-command wall time (process start to exit), CPU time (user + sys) of the
-whole process tree (less sensitive than wall time to other load on the machine), the time inside
-``pipeline_with_client`` (the child creates its own ``Client`` first; for the floor: read +
-write), per-stage times (``result.stage_seconds`` for hats-margin; for the importer, from its
-progress-bar stages), peak RSS of the process tree sampled every 50 ms (max of the sum over the
-process and all its children, i.e. the Dask workers and nannies, and max of a single process;
-shared pages are counted once per process), and the rows (``hats_nrows``) and bytes (files under
-``dataset/``) written. With ``--repeats R`` every run is repeated and the median repeat (by
-in-pipeline time) is reported.
+For each run: whole-command wall time (process start to exit: what the user waits for), CPU time
+(user + sys) of the whole process tree (less sensitive than wall time to other load on the
+machine), the time in the pipeline (hats-margin: the ``pipeline()`` call less its cluster start
+and stop; hats-import: inside its ``pipeline_with_client``, which its ``pipeline()`` calls once
+its cluster is up; the floor: read + write), the cluster's start and stop, per-stage times
+(``result.stage_seconds`` for hats-margin; for the importer, from its progress-bar stages), peak
+RSS of the process tree sampled every 50 ms (max of the sum over the process and all its
+children, i.e. the Dask workers and nannies, and max of a single process; shared pages are
+counted once per process), and the rows (``hats_nrows``) and bytes (files under ``dataset/``)
+written. With ``--repeats R`` every run is repeated and the median repeat (by in-pipeline time)
+is reported.
 
 Generated catalogs and outputs go under ``--data-dir`` (default ``bench-data`` beside the repository), never
 into the repository.
@@ -58,8 +63,7 @@ OURS_CHILD = r"""
 import json, sys, time
 start = time.perf_counter()
 cfg = json.loads(sys.argv[1])
-from dask.distributed import Client
-from hats_margin import MarginCacheArguments, pipeline_with_client
+from hats_margin import MarginCacheArguments, pipeline
 
 args = MarginCacheArguments(
     input_catalog_path=cfg["catalog"],
@@ -69,6 +73,7 @@ args = MarginCacheArguments(
     fine_filtering=cfg["fine_filtering"],
     dask_n_workers=cfg["workers"],
     dask_threads_per_worker=1,
+    dask_tmp=cfg["dask_tmp"],
     progress_bar=False,
     overwrite=True,
     tmp_dir=cfg["tmp_dir"],
@@ -94,25 +99,22 @@ def tree_cpu():
         except psutil.Error:
             pass
     return total
-with Client(n_workers=cfg["workers"], threads_per_worker=1, local_directory=cfg["dask_tmp"],
-            dashboard_address=":0") as client:
-    client_ready = time.perf_counter()
-    cpu_ready = tree_cpu()
-    result = pipeline_with_client(args, client)
-    done = time.perf_counter()
-    cpu_done = tree_cpu()
-stages = getattr(result, "stage_seconds", None)
-try:
-    stages = {str(k): float(v) for k, v in dict(stages).items()} if stages else {}
-except (TypeError, ValueError):
-    stages = {}
-total_rows = getattr(result, "total_rows", None)
+# what a user runs: pipeline(args) starts its own local cluster (one worker: threads in this
+# process; more: worker processes), exactly as `hats-margin build` does
+called = time.perf_counter()
+cpu_called = tree_cpu()
+result = pipeline(args)
+done = time.perf_counter()
+cpu_done = tree_cpu()
+stages = {str(k): float(v) for k, v in dict(result.stage_seconds).items()}
+cluster = stages.get("cluster start", 0.0) + stages.get("cluster stop", 0.0)
 print("BENCH_JSON " + json.dumps({
-    "in_pipeline_seconds": done - client_ready,
-    "setup_seconds": client_ready - start,
+    "in_pipeline_seconds": done - called - cluster,
+    "cluster_seconds": cluster,
+    "setup_seconds": called - start,
     "stage_seconds": stages,
-    "reported_rows": int(total_rows) if total_rows is not None else None,
-    "in_pipeline_cpu_seconds": cpu_done - cpu_ready,
+    "reported_rows": int(result.total_rows),
+    "in_pipeline_cpu_seconds": cpu_done - cpu_called,
     "intermediate_files": intermediate.get("files"),
     "intermediate_bytes": intermediate.get("bytes"),
 }), flush=True)
@@ -122,10 +124,10 @@ IMPORTER_CHILD = r"""
 import json, sys, time
 start = time.perf_counter()
 cfg = json.loads(sys.argv[1])
-from dask.distributed import Client
+import importlib
+importer_pipeline = importlib.import_module("hats_import.pipeline")  # the module (the package exports a function of that name)
 import hats_import.pipeline_resume_plan as resume_plan_module
 from hats_import.margin_cache.margin_cache_arguments import MarginCacheArguments
-from hats_import.pipeline import pipeline_with_client
 
 # Time the importer's stages by the end of each progress bar (one per stage).
 stage_ends = []
@@ -153,6 +155,17 @@ def timed_print_progress(iterable=None, total=None, stage_name=None, **kwargs):
 
 resume_plan_module.print_progress = timed_print_progress
 
+# the time inside pipeline_with_client, which hats-import's pipeline() calls once its client is up
+inside = {}
+original_with_client = importer_pipeline.pipeline_with_client
+def timed_with_client(args, client):
+    inside["start"] = time.perf_counter()
+    try:
+        return original_with_client(args, client)
+    finally:
+        inside["end"] = time.perf_counter()
+importer_pipeline.pipeline_with_client = timed_with_client
+
 args = MarginCacheArguments(
     input_catalog_path=cfg["catalog"],
     output_path=cfg["output_path"],
@@ -164,18 +177,18 @@ args = MarginCacheArguments(
     tmp_dir=cfg["tmp_dir"],
     dask_tmp=cfg["dask_tmp"],
 )
-with Client(n_workers=cfg["workers"], threads_per_worker=1, local_directory=cfg["dask_tmp"],
-            dashboard_address=":0") as client:
-    client_ready = time.perf_counter()
-    pipeline_with_client(args, client)
-    done = time.perf_counter()
-stages, previous = {}, client_ready
+# what a user runs: hats-import's pipeline(args) starts its own local cluster
+called = time.perf_counter()
+importer_pipeline.pipeline(args)
+done = time.perf_counter()
+stages, previous = {}, inside["start"]
 for name, end in stage_ends:
     stages[name] = stages.get(name, 0.0) + (end - previous)
     previous = end
 print("BENCH_JSON " + json.dumps({
-    "in_pipeline_seconds": done - client_ready,
-    "setup_seconds": client_ready - start,
+    "in_pipeline_seconds": inside["end"] - inside["start"],
+    "cluster_seconds": (done - called) - (inside["end"] - inside["start"]),
+    "setup_seconds": called - start,
     "stage_seconds": stages,
     "reported_rows": None,
 }), flush=True)
