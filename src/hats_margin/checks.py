@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cdshealpix.nested as cds
 import numpy as np
-from astropy import units as u
-from astropy.coordinates import Latitude, Longitude
 
+from hats_margin import healpix
 from hats_margin.pixel_distance import cell_caps
 
 TOLERANCE_ARCSEC = 0.1
@@ -44,9 +42,7 @@ def check_coordinates(ra_deg, dec_deg, spatial_index, index_order: int) -> Coord
     bad = [np.flatnonzero(finite & ~in_range)]
     rows = np.flatnonzero(in_range)
     if len(rows):
-        pixels = cds.lonlat_to_healpix(
-            Longitude(np.mod(ra[rows], 360.0), unit=u.deg), Latitude(dec[rows], unit=u.deg), index_order
-        ).astype(np.int64)
+        pixels = healpix.lonlat_to_healpix(np.mod(ra[rows], 360.0), dec[rows], index_order).astype(np.int64)
         differ = rows[pixels != spatial_index[rows]]
         if len(differ):  # near a cell's edge rounding may pick the neighbour: measure the distance
             bad.append(differ[_farther_than_cell(ra[differ], dec[differ], spatial_index[differ], index_order)])

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hats_margin import healpix
+
 MAX_ORDER = 29
 """The deepest HEALPix order (spatial indices are order-29 nested indices): the one home of this
 constant for the pipeline (the verifier keeps its own on purpose, see verify/tiles.py)."""
@@ -33,14 +35,6 @@ RING_SAFETY = 0.98
 # out here so that worker processes need not import hats (seconds of start-up per worker);
 # a test checks it against hats.
 _MINDIST_ARCSEC = np.degrees(np.sqrt(4 * np.pi / (12 * 4.0 ** np.arange(MAX_ORDER + 1)))) * 3600.0 / 1.6
-
-
-def _cds():
-    """cdshealpix, imported on first use: it loads astropy (~0.3 s), which argument checks and
-    command-line errors do not need."""
-    import cdshealpix.nested
-
-    return cdshealpix.nested
 
 
 def ring_reach_arcsec(order: int) -> float:
@@ -146,7 +140,7 @@ def neighbourhood(cells: np.ndarray, order: int, rings: int) -> tuple[np.ndarray
     for _ in range(rings):
         if len(frontier) == 0:
             break
-        nbrs = _cds().neighbours(frontier.astype(np.uint64), order)
+        nbrs = healpix.neighbours(frontier, order)
         rep_owner = np.repeat(frontier_owner, nbrs.shape[1])
         flat = nbrs.reshape(-1).astype(np.int64)
         keep = flat >= 0

@@ -94,11 +94,9 @@ from __future__ import annotations
 
 import warnings
 
-import astropy.units as u
-import cdshealpix.nested as _cds
 import numpy as np
-from astropy.coordinates import Latitude, Longitude
 
+from hats_margin import healpix
 from hats_margin.geometry import MAX_ORDER, local_xy, unit_vectors
 
 __all__ = ["cell_caps", "distance_to_pixel_arcsec", "within_threshold_of_pixel"]
@@ -778,7 +776,7 @@ def _inside(ra, dec, order, pixel):
     """cdshealpix's own assignment (the one HATS uses); ra/dec finite."""
     if ra.size == 0:
         return np.zeros(0, dtype=bool)
-    ipix = _cds.lonlat_to_healpix(Longitude(ra, u.deg), Latitude(dec, u.deg), order)
+    ipix = healpix.lonlat_to_healpix(ra, dec, order)
     return ipix == np.uint64(pixel)
 
 
@@ -904,12 +902,10 @@ def cell_caps(cells, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         empty = np.zeros(0)
         return empty, empty.copy(), empty.copy()
     n = float(1 << int(order))
-    lon, lat = _cds.healpix_to_lonlat(cells, int(order))
-    ra, dec = lon.to_value("deg"), lat.to_value("deg")
-    v_lon, v_lat = _cds.vertices(cells, int(order), step=_CAP_STEP)
+    ra, dec = healpix.healpix_to_lonlat_deg(cells, int(order))
+    v_lon, v_lat = healpix.vertices_rad(cells, int(order), step=_CAP_STEP)
     cx, cy, cz = unit_vectors(ra, dec)
     # plain trigonometry: its ~1e-16 rounding is covered by the final slack
-    v_lon, v_lat = v_lon.to_value("rad"), v_lat.to_value("rad")
     cos_lat = np.cos(v_lat)
     dx = cos_lat * np.cos(v_lon) - cx[:, None]
     dy = cos_lat * np.sin(v_lon) - cy[:, None]
