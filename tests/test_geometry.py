@@ -77,11 +77,13 @@ def test_candidate_pairs_sorted_by_destination_then_row():
         assert np.all(np.diff(rows[dests == d]) > 0)
 
 
-def test_border_cells_from_bits_match_neighbour_lookup():
-    order, pixel, cell_order = 2, 37, 6
+@pytest.mark.parametrize("order, pixel, cell_order", [(2, 37, 6), (0, 0, 4), (0, 11, 5), (3, 767, 7), (1, 20, 3)])
+def test_border_cells_from_bits_match_neighbour_lookup(order, pixel, cell_order):
     start, end = geometry.nested_range_at(order, pixel, cell_order)
     cells = np.arange(int(start), int(end))
     for rings in (1, 2, 3):
+        if (1 << (cell_order - order)) <= 2 * rings:
+            continue
         mask = geometry.border_cell_mask(cells, cell_order, order, pixel, rings)
         owner, nbr = geometry.neighbourhood(cells, cell_order, rings)
         leaves = np.zeros(len(cells), dtype=bool)
@@ -153,3 +155,34 @@ def test_worker_side_modules_do_not_import_hats():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_border_cells_at_the_deepest_orders_match_the_decoded_coordinates():
+    """Rings of one at a depth of up to 29 bit pairs (the bit test) equal the decoded (i, j) test."""
+    rng = np.random.default_rng(5)
+    for order, cell_order in [(0, 29), (3, 29), (7, 20), (10, 13)]:
+        pixel = int(rng.integers(0, 12 * 4**order))
+        start, end = geometry.nested_range_at(order, pixel, cell_order)
+        side = 1 << (cell_order - order)
+        cells = np.concatenate([rng.integers(int(start), int(end), 20_000), [int(start), int(end) - 1]])
+        i, j = geometry.local_xy(cells, cell_order, order, pixel)
+        for n_side in (1, 2):  # cells on the border, and one cell in from it
+            edge = rng.integers(0, side, 500)
+            on = np.concatenate([[0, side - 1], edge])
+            extra_i = np.concatenate([np.zeros_like(on) + n_side - 1, on])
+            extra_j = np.concatenate([on, np.full_like(on, side - n_side)])
+            cells = np.concatenate([cells, _cells_of(order, pixel, cell_order, extra_i, extra_j)])
+        i, j = geometry.local_xy(cells, cell_order, order, pixel)
+        expected = (i < 1) | (j < 1) | (i >= side - 1) | (j >= side - 1)
+        np.testing.assert_array_equal(geometry.border_cell_mask(cells, cell_order, order, pixel, 1), expected)
+        assert expected.any() and not expected.all()
+
+
+def _cells_of(order, pixel, cell_order, i, j):
+    """Nested cells at ``cell_order`` of local coordinates (i, j) inside ``pixel`` (bit interleave)."""
+    depth = cell_order - order
+    sub = np.zeros(len(i), dtype=np.int64)
+    for bit in range(depth):
+        sub |= ((np.asarray(i, dtype=np.int64) >> bit) & 1) << (2 * bit)
+        sub |= ((np.asarray(j, dtype=np.int64) >> bit) & 1) << (2 * bit + 1)
+    return (np.int64(pixel) << (2 * depth)) + sub

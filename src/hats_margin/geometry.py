@@ -121,9 +121,15 @@ def border_cell_mask(cells, cell_order: int, parent_order: int, parent_pixel: in
     least ``rings`` cells away from every side of the ancestor's square keeps its whole
     neighbourhood inside it.
     """
-    side = 1 << (cell_order - parent_order)
+    depth = cell_order - parent_order
+    side = 1 << depth
     if side <= 2 * rings:
         return np.ones(len(cells), dtype=bool)
+    if rings == 1:  # on a side <=> all of i's (even) or j's (odd) bits are 0, or all are 1: no decoding
+        sub = np.asarray(cells, dtype=np.int64) - (np.int64(parent_pixel) << (2 * depth))
+        even = np.int64(0x5555555555555555 & ((1 << (2 * depth)) - 1))
+        i_bits, j_bits = sub & even, sub & (even << 1)
+        return (i_bits == 0) | (i_bits == even) | (j_bits == 0) | (j_bits == (even << 1))
     i, j = local_xy(cells, cell_order, parent_order, parent_pixel)
     return (i < rings) | (j < rings) | (i >= side - rings) | (j >= side - rings)
 
