@@ -24,12 +24,13 @@ from hats_margin.properties import (
     read_partitions,
 )
 
-HEAVY = ("hats", "mocpy", "matplotlib", "nested_pandas", "tqdm")  # tqdm: only with a progress bar
+HEAVY = ("hats", "mocpy", "matplotlib", "nested_pandas", "tqdm", "astropy")  # tqdm: only with a progress bar
 
 
 def test_demo_command_never_imports_hats(tmp_path):
-    """The whole ``hats-margin demo``, first and repeated (overwrite of its own margin): planning, in-process mapping and reducing, finishing). astropy
-    still loads: cdshealpix imports it, and the in-process worker maps with cdshealpix."""
+    """The whole ``hats-margin demo``, first and repeated (overwrite of its own margin): planning,
+    in-process mapping and reducing, finishing. Nor astropy: cdshealpix's core is called
+    directly (hats_margin.healpix)."""
     code = textwrap.dedent(f"""
         import sys
         from hats_margin import cli
@@ -39,6 +40,30 @@ def test_demo_command_never_imports_hats(tmp_path):
     """)
     run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert run.stdout.strip().splitlines()[-1] == "0 []", run.stdout + run.stderr
+
+
+def test_verify_command_imports_neither_hats_nor_astropy(tmp_path):
+    """``hats-margin verify`` of the demo's margin reads the catalogs with hats-margin's readers."""
+    code = textwrap.dedent(f"""
+        import sys
+        from hats_margin import cli
+        built = cli.main(["demo", {str(tmp_path / 'out')!r}, "--no-progress"])
+        for name in {HEAVY!r}:
+            sys.modules.pop(name, None)
+        checked = cli.main(["verify", {str(tmp_path / 'out' / 'small_sky_source_catalog_10arcs')!r}, "--no-progress"])
+        print(built + checked, sorted(m for m in {HEAVY!r} if m in sys.modules))
+    """)
+    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip().splitlines()[-1] == "0 []", run.stdout + run.stderr
+
+
+def test_the_verifiers_cell_widths_are_hats_order2mindist():
+    from hats.pixel_math.healpix_shim import order2mindist
+
+    from hats_margin.verify.tiles import MIN_CELL_WIDTH_ARCSEC
+
+    for order in range(30):
+        assert MIN_CELL_WIDTH_ARCSEC[order] == pytest.approx(float(order2mindist(order)) * 60.0, rel=1e-12)
 
 
 def _build(catalogs, tmp_path, name, **kwargs):

@@ -142,16 +142,11 @@ class MarginCatalog:
 
     def _named_files(self):
         """Files per pixel from the partition info, for stores that cannot list (HTTP)."""
-        import hats  # driver only: importing hats costs workers ~3 s
-
-        try:
-            pixels = hats.read_hats(self.path, read_moc=False).get_healpix_pixels()
-        except Exception as exc:  # hats raises many types for broken catalogs
-            raise InputCatalogError(f"hats cannot open the margin {self.path}: {type(exc).__name__}: {exc}") from exc
+        pixels = _partitions(self.path, "margin")
         suffix = self.properties.get("hats_npix_suffix") or ".parquet"
-        for pixel in pixels:
-            leaf = io.leaf_path(self.path, pixel.order, pixel.pixel, suffix)
-            self.files[(pixel.order, pixel.pixel)] = io.leaf_files(leaf, suffix)
+        for order, pixel in pixels:
+            leaf = io.leaf_path(self.path, order, pixel, suffix)
+            self.files[(order, pixel)] = io.leaf_files(leaf, suffix)
 
     def threshold_arcsec(self) -> float:
         """The margin's ``hats_margin_threshold`` (arcsec); :class:`InputCatalogError` if absent."""
@@ -162,28 +157,30 @@ class MarginCatalog:
 
 
 class PrimaryCatalog:
-    """The primary catalog as hats sees it: partitions, negative tree, schema, columns."""
+    """The primary catalog: partitions, negative tree, schema, columns (the catalog files are read
+    as the build reads them, by hats-margin's own readers, which tests hold to hats')."""
 
     def __init__(self, path: UPath):
-        """Open the primary (a collection's primary catalog) with hats; raises :class:`InputCatalogError`
-        if hats cannot, it is not an object/source catalog, or its ra/dec/index columns are missing.
+        """Open the primary (a collection's primary catalog); raises :class:`InputCatalogError` if
+        it cannot be read, it is not an object/source catalog, or its ra/dec/index columns are missing.
         """
-        import hats  # driver only: importing hats costs workers ~3 s
+        from hats_margin import collection
+        from hats_margin.properties import read_catalog_properties
 
         try:
-            catalog = hats.read_hats(path, read_moc=False)
+            path = collection.primary_path(path)  # a collection: its primary catalog
+            info = read_catalog_properties(path)  # hats reads what is not plain
+        except InputCatalogError:
+            raise
         except Exception as exc:  # hats raises many types for broken catalogs
-            raise InputCatalogError(f"hats cannot open the primary {path}: {type(exc).__name__}: {exc}") from exc
-        if hasattr(catalog, "main_catalog"):  # a collection: its primary catalog
-            path, catalog = as_upath(catalog.main_catalog_dir), catalog.main_catalog
+            raise InputCatalogError(f"cannot open the primary {path}: {type(exc).__name__}: {exc}") from exc
         self.path = path
-        info = catalog.catalog_info
         self.catalog_name = info.catalog_name
         if str(info.catalog_type) not in ("object", "source"):
             raise InputCatalogError(
                 f"primary {path} is a {info.catalog_type!s} catalog, not an object/source catalog"
             )
-        self.partitions = [(p.order, p.pixel) for p in catalog.get_healpix_pixels()]
+        self.partitions = _partitions(path, "primary")
         self.negative = negative_tree(self.partitions)
         self.schema = io.read_input_schema(path)
         self.ra_column, self.dec_column = info.ra_column, info.dec_column
@@ -228,3 +225,19 @@ def resolve_primary(margin: MarginCatalog, primary_path) -> UPath:
         f"hats_primary_table_url={url!r} of {margin.path} is not a catalog (tried "
         f"{', '.join(str(c) for c in candidates)}): pass primary_path"
     )
+
+
+def _partitions(path: UPath, role: str) -> list[tuple[int, int]]:
+    """The pixels a catalog's partition info lists (``partition_info.csv``, else hats, imported
+    only then, reads ``_metadata``); :class:`InputCatalogError` naming ``role`` if neither can."""
+    from hats_margin.properties import read_partitions
+
+    pixels = read_partitions(path)
+    if pixels is not None:
+        return pixels
+    import hats
+
+    try:
+        return [(p.order, p.pixel) for p in hats.read_hats(path, read_moc=False).get_healpix_pixels()]
+    except Exception as exc:  # hats raises many types for broken catalogs
+        raise InputCatalogError(f"hats cannot open the {role} {path}: {type(exc).__name__}: {exc}") from exc

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import math
 
-import cdshealpix.nested as cds
 import numpy as np
-from astropy.coordinates import Latitude, Longitude
 
+from hats_margin import healpix
 from hats_margin.pixel_distance import distance_to_pixel_arcsec, within_threshold_of_pixel
 from hats_margin.verify.tiles import CAP_SAFETY, MAX_ORDER, angle, ranks, ring_tiles, unit
 
@@ -71,9 +70,7 @@ def candidates(ctx, ra, dec, own, source, in_batch, warn) -> tuple[np.ndarray, n
     c = ctx.cell_order
     finite = np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90)  # other rows are in no margin
     cell29 = np.full(len(ra), -1, dtype=np.int64)
-    cell29[finite] = cds.lonlat_to_healpix(
-        Longitude(ra[finite], unit="deg"), Latitude(dec[finite], unit="deg"), MAX_ORDER
-    ).astype(np.int64)
+    cell29[finite] = healpix.lonlat_to_healpix(ra[finite], dec[finite], MAX_ORDER).astype(np.int64)
     k, s_pixel = int(tiles.orders[source]), int(tiles.pixels[source])
     consistent = (own == source) & ((cell29 >> (2 * (MAX_ORDER - k))) == s_pixel)
     stray = int((finite & ~consistent & (own == source)).sum())

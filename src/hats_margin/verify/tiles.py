@@ -3,15 +3,20 @@ partitions + negative tree as disjoint order-29 ranges, their bounding caps, and
 
 Nothing here comes from the pipeline's geometry (its independence is the verifier's value); the
 negative tree is computed here too, with numpy (hats' numba version costs a ~6-15 s compile per
-process; tests check both agree).
+process; tests check both agree). HEALPix itself is cdshealpix, called through
+``hats_margin.healpix`` (its compiled core, bit for bit ``cdshealpix.nested``, without astropy).
 """
 
 from __future__ import annotations
 
-import cdshealpix.nested as cds
 import numpy as np
 
+from hats_margin import healpix
+
 MAX_ORDER = 29
+MIN_CELL_WIDTH_ARCSEC = np.degrees(np.sqrt(4 * np.pi / (12 * 4.0 ** np.arange(MAX_ORDER + 1)))) * 3600.0 / 1.6
+"""hats' ``order2mindist`` per order, in arcsec (written out: importing hats costs a second or
+more of every verify; a test checks it against hats)."""
 CAP_SAFETY = 1.001
 """Relative slack on bounding-cap radii and on the prune test (prunes are never near the threshold)."""
 _RING_CHUNK = 50_000
@@ -105,10 +110,10 @@ class Tiles:
             radii = np.zeros(len(self))
             for order in np.unique(self.orders):
                 sel = np.flatnonzero(self.orders == order)
-                lon, lat = cds.healpix_to_lonlat(self.pixels[sel].astype(np.uint64), int(order))
-                center = unit(lon.to_value("rad"), lat.to_value("rad"))
-                vlon, vlat = cds.vertices(self.pixels[sel].astype(np.uint64), int(order), step=16)
-                edge = unit(vlon.to_value("rad"), vlat.to_value("rad"))
+                lon, lat = healpix.healpix_to_lonlat_deg(self.pixels[sel], int(order))
+                center = unit(np.radians(lon), np.radians(lat))
+                vlon, vlat = healpix.vertices_rad(self.pixels[sel], int(order), step=16)
+                edge = unit(vlon, vlat)
                 radius = angle(edge, center[:, None, :]).max(axis=1)
                 centers[sel], radii[sel] = center, radius * CAP_SAFETY + 1e-12
             self._centers, self._radii = centers, radii
@@ -136,10 +141,8 @@ def angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def cell_order_for(threshold_arcsec: float) -> int | None:
     """The deepest order whose minimum cell width (hats ``order2mindist``) is >= the threshold,
     or None when even order-0 cells are narrower (then every destination is a candidate)."""
-    from hats.pixel_math.healpix_shim import order2mindist  # driver only (importing hats is slow)
-
     for order in range(MAX_ORDER, -1, -1):
-        if float(order2mindist(order)) * 60.0 >= threshold_arcsec:
+        if MIN_CELL_WIDTH_ARCSEC[order] >= threshold_arcsec:
             return order
     return None
 
@@ -154,7 +157,7 @@ def ring_tiles(tiles: Tiles, cells: np.ndarray, order: int, rings: int) -> tuple
         chunk = cells[lo : lo + _RING_CHUNK]
         ring = chunk[:, None]
         for _ in range(rings):
-            nbrs = cds.neighbours(ring.reshape(-1).astype(np.uint64), order).astype(np.int64)
+            nbrs = healpix.neighbours(ring.reshape(-1), order)
             ring = nbrs.reshape(len(chunk), -1)
             ring = np.where(ring < 0, chunk[:, None], ring)  # a missing neighbour: reuse the cell
         ring.sort(axis=1)
