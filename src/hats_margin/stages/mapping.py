@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,6 +129,16 @@ SMALL_ROW_GROUP_BYTES = 1 << 20
 three reads (index, ra/dec, the rest) exceeds decoding the columns a margin does not need."""
 
 
+PREFETCH_MIN_PAIRS = 16
+"""In exact mode, a large row group with at least this many candidate pairs has its other columns
+decoded in a background thread while the exact test runs on the candidates (pyarrow releases the
+GIL): the two overlap, and with this many candidates the decode is nearly always needed."""
+
+_DECODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hats-margin-decode")
+"""One decode ahead at most per process: a map task waits for its row group's decode before the
+next row group is read, so memory stays one row group per task."""
+
+
 class _RowGroup:
     """The columns of one row group read so far: each column is decoded at most once, the
     spatial index (and ra/dec in exact mode) first, the other columns only if margin rows remain."""
@@ -136,15 +147,41 @@ class _RowGroup:
         """Nothing decoded yet, except every column at once for a small row group."""
         self.task, self.parquet, self.path, self.group = task, parquet, path, group
         self.columns: dict[str, pa.ChunkedArray] = {}
+        self._pending: Future | None = None
         self.small = parquet.metadata.row_group(group).total_byte_size <= SMALL_ROW_GROUP_BYTES
         if self.small:
             self.read(task.schema.names)
 
+    def _decode(self, missing) -> pa.Table:
+        """Decode the named columns (no bookkeeping: may run in the decode thread)."""
+        return read_row_group(self.parquet, self.path, self.group, missing, use_threads=not self.small)
+
+    def prefetch(self, names):
+        """Start decoding the named columns not read yet in the background (large row groups only)."""
+        missing = [n for n in names if n not in self.columns]
+        if missing and not self.small and self._pending is None:
+            self._pending = _DECODER.submit(self._decode, missing)
+
+    def settle(self):
+        """Wait for a background decode and keep its columns (its error is raised here)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            table = pending.result()
+            self.columns.update(zip(table.column_names, table.columns))
+
+    def abandon(self):
+        """Wait for a background decode whose columns are not needed, ignoring its outcome (they
+        would not have been decoded without the prefetch)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.exception()  # waits; the error, if any, is not this row group's to report
+
     def read(self, names):
         """Decode the named columns not read yet."""
+        self.settle()
         missing = [n for n in names if n not in self.columns]
         if missing:
-            table = read_row_group(self.parquet, self.path, self.group, missing, use_threads=not self.small)
+            table = self._decode(missing)
             self.columns.update(zip(table.column_names, table.columns))
 
     def numpy(self, name) -> np.ndarray:
@@ -163,6 +200,14 @@ def _map_row_group(task: MapTask, dests, parquet, path, group, writers, first_ro
     """Send the margin rows of one row group to the shard, grouped by destination. Returns how many
     of the rows whose coordinates were checked have none (NaN/inf/null)."""
     row_group = _RowGroup(task, parquet, path, group)
+    try:
+        return _select_and_send(task, dests, row_group, path, writers, first_row)
+    finally:
+        row_group.abandon()  # a decode nobody used: never left running into the next row group
+
+
+def _select_and_send(task: MapTask, dests, row_group: _RowGroup, path, writers, first_row: int) -> int:
+    """The body of :func:`_map_row_group` on a row group being read."""
     row_group.read([task.healpix_column, task.ra_column, task.dec_column] if task.fine_filtering else [task.healpix_column])
     index = row_group.columns[task.healpix_column]
     if index.null_count:
@@ -184,6 +229,9 @@ def _map_row_group(task: MapTask, dests, parquet, path, group, writers, first_ro
     if task.fine_filtering:
         if ra is None:  # read anyway by the exact filter: check the candidates at no extra read
             ra, dec = _radec(task, row_group)
+        if len(rows) >= PREFETCH_MIN_PAIRS:
+            row_group.prefetch(task.schema.names)  # decoded while the candidates are tested
+        if not task.check_input:
             no_position = _check_coordinates(task, path, first_row, ra, dec, spatial_index, np.unique(rows))
         rows, dest_idx = _exact_filter(task, dests, ra, dec, spatial_index, rows, dest_idx)
         if len(rows) == 0:
