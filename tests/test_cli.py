@@ -428,3 +428,26 @@ def test_dry_run_estimates_the_margin_rows_and_warns_when_above_the_primary(caps
 )
 def test_messages_name_command_line_flags(message, expected):
     assert cli.cli_message(message) == expected
+
+
+def test_the_command_exits_at_once_with_its_code_its_output_flushed_and_atexit_run(tmp_path):
+    """cli.run ends the process with os._exit after main(): the exit code, everything printed,
+    and the atexit handlers (Dask's, tqdm's, a script's) survive it."""
+    marker = tmp_path / "atexit-ran"
+    code = (
+        "import atexit, pathlib, sys\n"
+        f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('yes'))\n"
+        "from hats_margin.cli import run\n"
+        "sys.argv = ['hats-margin', *sys.argv[1:]]\n"
+        "run(sys.argv[1:])\n"
+        "print('not reached')\n"
+    )
+    ok = subprocess.run([sys.executable, "-c", code, "demo", str(tmp_path / "out"), "--no-progress"],
+                        capture_output=True, text=True, timeout=240, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("wrote 24 margin rows") and "not reached" not in ok.stdout
+    assert marker.read_text() == "yes"
+    bad = subprocess.run([sys.executable, "-c", code, "build", str(tmp_path / "missing"), str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().endswith("does not exist") and bad.stderr.startswith("hats-margin: error:")

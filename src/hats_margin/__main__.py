@@ -1,8 +1,6 @@
 """``python -m hats_margin``: the ``hats-margin`` command."""
 
-import sys
-
-from hats_margin.cli import main
+from hats_margin.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
