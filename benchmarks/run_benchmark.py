@@ -8,9 +8,9 @@ Runs (each a separate subprocess, all with the same worker count, after one unti
 puts the catalog in the page cache), each the way a user runs it: the tool's own ``pipeline(args)``,
 which starts its own local Dask cluster from the arguments:
 
-* ``exact``: ``hats_margin.pipeline``, ``fine_filtering=True`` (what ``hats-margin build`` runs;
-  one worker runs as threads in the calling process, more are worker processes);
-* ``coarse``: the same with ``fine_filtering=False``;
+* ``exact``: the ``hats-margin build`` command (``cli.run``, which calls ``pipeline(args)``; one
+  worker runs as threads in the command's process, more are worker processes);
+* ``coarse``: the same with ``--coarse``;
 * ``importer``: hats-import 0.11.1's ``pipeline(args)`` with its margin arguments (coarse by
   construction; it starts a local cluster of worker processes), if importable and not
   ``--no-importer``;
@@ -19,8 +19,8 @@ which starts its own local Dask cluster from the arguments:
 
 For each run: whole-command wall time (process start to exit: what the user waits for), CPU time
 (user + sys) of the whole process tree (less sensitive than wall time to other load on the
-machine), the time in the pipeline (hats-margin: the ``pipeline()`` call less its cluster start
-and stop; hats-import: inside its ``pipeline_with_client``, which its ``pipeline()`` calls once
+machine), the time in the pipeline (hats-margin: the command's ``pipeline()`` call less its
+cluster start and stop; hats-import: inside its ``pipeline_with_client``, which its ``pipeline()`` calls once
 its cluster is up; the floor: read + write), the cluster's start and stop, per-stage times
 (``result.stage_seconds`` for hats-margin; for the importer, from its progress-bar stages), peak
 RSS of the process tree sampled every 50 ms (max of the sum over the process and all its
@@ -63,23 +63,11 @@ OURS_CHILD = r"""
 import json, sys, time
 start = time.perf_counter()
 cfg = json.loads(sys.argv[1])
-from hats_margin import MarginCacheArguments, pipeline
-
-args = MarginCacheArguments(
-    input_catalog_path=cfg["catalog"],
-    output_path=cfg["output_path"],
-    output_artifact_name=cfg["artifact"],
-    margin_threshold=cfg["threshold"],
-    fine_filtering=cfg["fine_filtering"],
-    dask_n_workers=cfg["workers"],
-    dask_threads_per_worker=1,
-    dask_tmp=cfg["dask_tmp"],
-    progress_bar=False,
-    overwrite=True,
-    tmp_dir=cfg["tmp_dir"],
-)
-# count the intermediate files just before the run deletes them (instrumentation, not the package)
+import psutil
+from hats_margin import orchestrator
 from hats_margin.stages import finishing
+
+# count the intermediate files just before the run deletes them (instrumentation, not the package)
 intermediate = {}
 _clean_up = finishing.clean_up
 def counting_clean_up(plan):
@@ -88,7 +76,7 @@ def counting_clean_up(plan):
     intermediate["bytes"] = sum(p.stat().st_size for p in files)
     return _clean_up(plan)
 finishing.clean_up = counting_clean_up
-import psutil
+
 def tree_cpu():
     me = psutil.Process()
     total = 0.0
@@ -99,25 +87,36 @@ def tree_cpu():
         except psutil.Error:
             pass
     return total
-# what a user runs: pipeline(args) starts its own local cluster (one worker: threads in this
-# process; more: worker processes), exactly as `hats-margin build` does
-called = time.perf_counter()
-cpu_called = tree_cpu()
-result = pipeline(args)
-done = time.perf_counter()
-cpu_done = tree_cpu()
-stages = {str(k): float(v) for k, v in dict(result.stage_seconds).items()}
-cluster = stages.get("cluster start", 0.0) + stages.get("cluster stop", 0.0)
-print("BENCH_JSON " + json.dumps({
-    "in_pipeline_seconds": done - called - cluster,
-    "cluster_seconds": cluster,
-    "setup_seconds": called - start,
-    "stage_seconds": stages,
-    "reported_rows": int(result.total_rows),
-    "in_pipeline_cpu_seconds": cpu_done - cpu_called,
-    "intermediate_files": intermediate.get("files"),
-    "intermediate_bytes": intermediate.get("bytes"),
-}), flush=True)
+
+# time the pipeline() call the command makes (its own local cluster: one worker runs as threads in
+# this process, more are worker processes)
+_pipeline = orchestrator._pipeline
+def timed_pipeline(args, client):
+    called, cpu_called = time.perf_counter(), tree_cpu()
+    result = _pipeline(args, client)
+    done, cpu_done = time.perf_counter(), tree_cpu()
+    stages = {str(k): float(v) for k, v in dict(result.stage_seconds).items()}
+    cluster = stages.get("cluster start", 0.0) + stages.get("cluster stop", 0.0)
+    print("BENCH_JSON " + json.dumps({
+        "in_pipeline_seconds": done - called - cluster,
+        "cluster_seconds": cluster,
+        "setup_seconds": called - start,
+        "stage_seconds": stages,
+        "reported_rows": int(result.total_rows),
+        "in_pipeline_cpu_seconds": cpu_done - cpu_called,
+        "intermediate_files": intermediate.get("files"),
+        "intermediate_bytes": intermediate.get("bytes"),
+    }), flush=True)
+    return result
+orchestrator._pipeline = timed_pipeline
+
+# what a user runs: the hats-margin command, start to exit
+from hats_margin.cli import run
+run([
+    "build", cfg["catalog"], cfg["output_path"], "--name", cfg["artifact"], "--threshold", str(cfg["threshold"]),
+    "--workers", str(cfg["workers"]), "--threads", "1", "--dask-tmp", cfg["dask_tmp"], "--tmp-dir", cfg["tmp_dir"],
+    "--overwrite", "--no-progress", *([] if cfg["fine_filtering"] else ["--coarse"]),
+])
 """
 
 IMPORTER_CHILD = r"""
