@@ -1,7 +1,9 @@
-"""The intermediate files cost per map task, not per (source, destination) pair.
+"""The intermediate files cost per batch of map tasks, not per map task nor per (source,
+destination) pair.
 
-One shard file per map task holds the rows of every destination, grouped in record batches; the
-task's done marker indexes them and a reduce task reads only its own batches. Each row group's
+One shard file per batch of map tasks holds the rows of every task and destination, grouped in
+record batches; the batch's done marker indexes them per task and a reduce task reads only its
+own batches. Each row group's
 columns are decoded at most once, small row groups in a single read.
 """
 
@@ -16,7 +18,13 @@ import pytest
 from hats.io.validation import is_valid_catalog
 from upath import UPath
 
-from hats_margin import MarginCacheArguments, ResumeMismatchError, StageFailedError, pipeline_with_client
+from hats_margin import (
+    MarginCacheArguments,
+    ResumeMismatchError,
+    StageFailedError,
+    pipeline_with_client,
+    runner,
+)
 from hats_margin import io as hm_io
 from hats_margin.io import ShardWriters, TempLayout, read_shard
 from hats_margin.stages import mapping, reducing
@@ -49,72 +57,162 @@ def map_only(client, args, monkeypatch) -> Path:
     return Path(args.tmp_dir) / NAME / "intermediate"
 
 
-def test_one_shard_file_per_map_task(client, copy_catalog, tmp_path, monkeypatch):
+def batches_of(size):
+    """Patch the runner to send the map tasks in batches of ``size`` (whatever the threads)."""
+    return lambda n_tasks, threads: size
+
+
+def markers_of(base: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((base / "mapping").glob("*.json"))]
+
+
+@pytest.mark.parametrize("size", [1, 5, 14])
+def test_one_shard_and_one_marker_per_batch_of_map_tasks(client, copy_catalog, tmp_path, monkeypatch, size):
+    """Intermediate files are O(batches): run.json, then per batch one marker and at most one shard."""
     source = copy_catalog("small_sky_source_catalog")
+    monkeypatch.setattr(runner, "batch_size", batches_of(size))
     base = map_only(client, make_args(source, tmp_path), monkeypatch)
-    markers = [json.loads(p.read_text()) for p in sorted((base / "mapping").glob("*.json"))]
-    pairs = sum(1 for m in markers for n in m["rows"].values() if n)
-    sending = sum(1 for m in markers if any(m["rows"].values()))
-    shards = sorted(p for p in (base / "shards").rglob("*") if p.is_file())
-    assert len(markers) == 14
-    assert pairs > 2 * len(markers), "the sample should send rows to several destinations per partition"
-    assert len(shards) == sending <= len(markers)
-    # every intermediate file: run.json, one marker and at most one shard per map task
-    assert sum(1 for p in base.rglob("*") if p.is_file()) <= 1 + 2 * len(markers)
-    for marker in markers:
-        assert set(marker["batches"]) == {k for k, n in marker["rows"].items() if n}
+    markers = markers_of(base)
+    n_batches = -(-14 // size)
+    assert len(markers) == n_batches
+    tasks = {key: payload for m in markers for key, payload in m["tasks"].items()}
+    assert len(tasks) == sum(len(m["tasks"]) for m in markers) == 14, "every task listed once"
+    pairs = sum(1 for t in tasks.values() for n in t["rows"].values() if n)
+    assert pairs > 2 * len(tasks), "the sample should send rows to several destinations per partition"
+    shards = sorted(p.name for p in (base / "shards").rglob("*") if p.is_file())
+    assert shards == sorted(f"{m['shard']}.arrow" for m in markers if any(t["rows"] for t in m["tasks"].values()))
+    files = [p for p in base.rglob("*") if p.is_file()]
+    assert len(files) <= 1 + 2 * n_batches
+    for m in markers:
+        assert m["format"] == hm_io.INTERMEDIATE_FORMAT
+        for payload in m["tasks"].values():
+            assert payload["shard"] == m["shard"]
+            assert set(payload["batches"]) == {k for k, n in payload["rows"].items() if n}
+    assert all(hm_io.TempLayout.owns(str(f.relative_to(base))) for f in files), "every name written is owned"
 
 
 def test_reduce_reads_only_its_batches(tmp_path):
+    """Two sources in one shard, several flushes: each (source, destination) reads back its own rows."""
     layout = TempLayout(UPath(tmp_path))
     layout.make_dirs()
     schema = pa.schema([("_healpix_29", pa.int64()), ("name", pa.string())])
-    writers = ShardWriters(layout, 2, 5, schema, flush_bytes=200)  # several flushes
-    sent: dict[tuple[int, int], list[int]] = {}
+    writers = ShardWriters(layout.shard("2_5-0123abcd"), schema, flush_bytes=200)  # several flushes
+    sent: dict[tuple, list[int]] = {}
     rng = np.random.default_rng(1)
-    for step in range(40):
-        dest = [(1, 3), (2, 4), (3, 77)][int(rng.integers(3))]
-        values = rng.integers(0, 1 << 40, int(rng.integers(1, 6)))
-        sent.setdefault(dest, []).extend(values.tolist())
-        writers.write(dest, pa.table({"_healpix_29": values, "name": [f"r{step}"] * len(values)}, schema=schema))
+    for source in [(2, 5), (2, 6)]:
+        view = writers.source(source)
+        for step in range(40):
+            dest = [(1, 3), (2, 4), (3, 77)][int(rng.integers(3))]
+            values = rng.integers(0, 1 << 40, int(rng.integers(1, 6)))
+            sent.setdefault((*source, *dest), []).extend(values.tolist())
+            view.write(dest, pa.table({"_healpix_29": values, "name": [f"r{step}"] * len(values)}, schema=schema))
+        writers.flush()  # a task's end: a record batch never mixes two sources
     writers.close()
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["2_5.arrow"]
-    batches = [b for dest in writers.index for b in writers.index[dest]]
-    assert sorted(batches) == list(range(len(batches))) and len(batches) > 3
-    for dest, values in sent.items():
-        table = read_shard(layout.shard(2, 5), writers.index[dest])
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["2_5-0123abcd.arrow"]
+    batches = [b for source in writers.index.values() for dest in source.values() for b in dest]
+    assert sorted(batches) == list(range(len(batches))) and len(batches) > 6
+    for (o, p, *dest), values in sent.items():
+        table = read_shard(layout.shard("2_5-0123abcd"), writers.index[(o, p)][tuple(dest)])
         assert table.column("_healpix_29").to_pylist() == values
-        assert writers.rows[dest] == len(values)
+        assert writers.rows[(o, p)][tuple(dest)] == len(values)
 
 
-def test_failed_map_task_leaves_no_marker_and_resumes(client, copy_catalog, tmp_path, monkeypatch):
-    """A shard write that fails mid-task: no marker, and the re-run rewrites that task's shard."""
+def test_failed_shard_write_fails_its_batch_whole_and_resumes(client, copy_catalog, tmp_path, monkeypatch):
+    """A shard write that fails mid-batch: no marker, every task of that batch is reported and
+    redone (in a new shard) by the re-run, which skips the other batches' tasks."""
     source = copy_catalog("small_sky_source_catalog")
     args = make_args(source, tmp_path)
     real = ShardWriters._write_pending
 
     def failing(self):
-        real(self)  # the batches reach the file, then the task fails before its footer and marker
-        if self.path.name == "2_180.arrow":
+        real(self)  # the batches reach the file, then the write fails before its footer and marker
+        if self.path.name.startswith("2_180-"):
             raise OSError("simulated write failure")
 
     with monkeypatch.context() as patch:
+        patch.setattr(runner, "batch_size", batches_of(3))
         patch.setattr(ShardWriters, "_write_pending", failing)
-        with pytest.raises(StageFailedError, match="mapping"):
+        with pytest.raises(StageFailedError, match="mapping") as info:
             pipeline_with_client(args, client)
     base = Path(args.tmp_dir) / NAME / "intermediate"
-    assert (base / "shards" / "2_180.arrow").exists() and not (base / "mapping" / "2_180.json").exists()
+    failed = sorted(info.value.failures)
+    assert "2_180" in failed and len(failed) == 3, failed
+    assert list((base / "shards").glob("2_180-*.arrow")) and not list((base / "mapping").glob("2_180-*"))
+    done = {key for m in markers_of(base) for key in m["tasks"]}
+    assert len(done) == 11 and not done & set(failed)
     result = pipeline_with_client(args, client)
-    assert result.skipped_tasks["mapping"] == 13
+    assert result.skipped_tasks["mapping"] == 11
     fresh = pipeline_with_client(make_args(source, tmp_path / "fresh"), client)
     assert result.total_rows == fresh.total_rows
     assert rows_per_pixel(tmp_path / "out" / NAME) == rows_per_pixel(tmp_path / "fresh" / "out" / NAME)
     assert is_valid_catalog(str(tmp_path / "out" / NAME), strict=True)
 
 
+def test_a_failing_task_fails_alone_and_the_rest_of_its_batch_is_kept(client, copy_catalog, tmp_path, monkeypatch):
+    """A map task that raises is reported alone, naming its partition; the other tasks of its batch
+    are listed in the batch's marker and skipped by the re-run (batched otherwise), whose output
+    is that of an uninterrupted run."""
+    source = copy_catalog("small_sky_source_catalog")
+    args = make_args(source, tmp_path)
+    real = mapping.map_partition
+
+    def fails_on_2_180(task, *rest):
+        if task.key == "2_180":
+            raise RuntimeError("simulated task failure")
+        return real(task, *rest)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "batch_size", batches_of(5))
+        patch.setattr(mapping, "map_partition", fails_on_2_180)
+        with pytest.raises(StageFailedError, match="2_180") as info:
+            pipeline_with_client(args, client)
+    assert list(info.value.failures) == ["2_180"]
+    base = Path(args.tmp_dir) / NAME / "intermediate"
+    markers = markers_of(base)
+    assert len(markers) == 3 and sum(len(m["tasks"]) for m in markers) == 13
+    assert any(len(m["tasks"]) == 4 for m in markers), "the failing task's batch still publishes the rest"
+    ran = []
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "batch_size", batches_of(2))
+        patch.setattr(mapping, "map_partition", lambda task, *rest: ran.append(task.key) or real(task, *rest))
+        result = pipeline_with_client(args, client)
+    assert ran == ["2_180"] and result.skipped_tasks["mapping"] == 13
+    fresh = pipeline_with_client(make_args(source, tmp_path / "fresh"), client)
+    assert rows_per_pixel(tmp_path / "out" / NAME) == rows_per_pixel(tmp_path / "fresh" / "out" / NAME)
+    assert result.total_rows == fresh.total_rows
+
+
+@pytest.mark.parametrize(("first", "second"), [(5, 3), (3, 14)])
+def test_a_batch_without_marker_is_redone_whole_with_other_batching(client, copy_catalog, tmp_path, monkeypatch,
+                                                                    first, second):
+    """A batch killed after writing its shard, before its marker (here: the marker removed) is
+    redone whole; a re-run batching differently skips exactly the tasks the markers list and
+    writes what an uninterrupted run writes."""
+    source = copy_catalog("small_sky_source_catalog")
+    args = make_args(source, tmp_path)
+    monkeypatch.setattr(runner, "batch_size", batches_of(first))
+    base = map_only(client, args, monkeypatch)
+    paths = sorted((base / "mapping").glob("*.json"))
+    lost = json.loads(paths[1].read_text())
+    paths[1].unlink()
+    real = mapping.map_partition
+    ran = []
+    monkeypatch.setattr(runner, "batch_size", batches_of(second))
+    monkeypatch.setattr(mapping, "map_partition", lambda task, *rest: ran.append(task.key) or real(task, *rest))
+    result = pipeline_with_client(args, client)
+    assert sorted(ran) == sorted(lost["tasks"])
+    assert result.skipped_tasks["mapping"] == 14 - len(lost["tasks"])
+    monkeypatch.undo()
+    fresh = pipeline_with_client(make_args(source, tmp_path / "fresh"), client)
+    assert rows_per_pixel(tmp_path / "out" / NAME) == rows_per_pixel(tmp_path / "fresh" / "out" / NAME)
+    assert result.total_rows == fresh.total_rows
+    assert is_valid_catalog(str(tmp_path / "out" / NAME), strict=True)
+
+
 def test_reduce_tasks_write_no_marker_files(client, copy_catalog, tmp_path, monkeypatch):
     """A published margin file is its reduce task's done marker: just before the clean-up the
-    intermediate directory holds run.json, one marker per map task and its shard, nothing per pixel."""
+    intermediate directory holds run.json, one marker per batch of map tasks and its shard, nothing
+    per pixel."""
     from hats_margin.stages import finishing
 
     source = copy_catalog("small_sky_source_catalog")
@@ -137,8 +235,9 @@ def test_reduce_tasks_write_no_marker_files(client, copy_catalog, tmp_path, monk
     assert len(result.pixels) >= 10, "the sample should have many margin pixels"
     assert not [f for f in files if f.startswith("reducing")], files
     shards = [f for f in files if f.startswith("shards/")]
-    assert len([f for f in files if f.startswith("mapping/")]) == 14
-    assert len(files) == 1 + 14 + len(shards)
+    markers = [f for f in files if f.startswith("mapping/")]
+    assert 0 < len(shards) <= len(markers) <= 14
+    assert len(files) == 1 + len(markers) + len(shards)
 
 
 def test_resume_skips_published_pixels_and_redoes_short_ones(client, copy_catalog, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 from hats.catalog import TableProperties
 from upath import UPath
 
-from hats_margin import MarginCacheArguments, cli, pipeline_with_client
+from hats_margin import MarginCacheArguments, cli, pipeline_with_client, runner
 from hats_margin.errors import ArgumentError, ResumeMismatchError
 from hats_margin.stages import mapping
 from hats_margin.verify import verify_margin
@@ -53,9 +53,12 @@ def singles(client, catalogs, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.parametrize("batch", [None, 5], ids=["default-batches", "batches-of-5"])
 def test_three_margins_equal_three_single_builds_row_for_row_and_pass_verify(
-    client, catalogs, singles, tmp_path, monkeypatch
+    client, catalogs, singles, tmp_path, monkeypatch, batch
 ):
+    if batch:  # several map tasks (and margins) in one shard; the single builds are batched otherwise
+        monkeypatch.setattr(runner, "batch_size", lambda n_tasks, threads: batch)
     reads = []
     real = mapping.open_parquet
     monkeypatch.setattr(mapping, "open_parquet", lambda path: reads.append(str(path)) or real(path))
@@ -122,10 +125,10 @@ def test_a_list_of_one_threshold_is_the_single_build():
 def test_a_killed_run_resumes_and_a_changed_set_is_refused(client, catalogs, singles, tmp_path, monkeypatch):
     real = mapping.map_partition
 
-    def dies_on_the_fifth(task):
+    def dies_on_the_fifth(task, *args):
         if task.key == "2_180":
             raise RuntimeError("killed")
-        return real(task)
+        return real(task, *args)
 
     monkeypatch.setattr(mapping, "map_partition", dies_on_the_fifth)
     args = _args(catalogs / SOURCE, tmp_path, THRESHOLDS, NAMES)

@@ -18,18 +18,19 @@ def make_task(tmp_path, sources, expected_rows) -> ReduceTask:
     layout = TempLayout(UPath(tmp_path / "intermediate"))
     layout.make_dirs()
     return ReduceTask(
-        # each test shard holds one record batch: the destination's rows
-        key="2_176", pixel=PIXEL, sources=tuple((o, p, (0,)) for o, p in sources), expected_rows=expected_rows,
+        # each test shard (one per source here) holds one record batch: the destination's rows
+        key="2_176", pixel=PIXEL, sources=tuple((o, p, f"{o}_{p}-00000000", (0,)) for o, p in sources),
+        expected_rows=expected_rows,
         output_file=output_file(UPath(tmp_path / "catalog"), *PIXEL, ".parquet", None),
         schema=SCHEMA, healpix_column="_healpix_29", write_kwargs={"row_group_size": 2}, layout=layout,
     )
 
 
 def write_shard(task: ReduceTask, source, rows: int):
-    writers = ShardWriters(task.layout, *source, SCHEMA)
+    writers = ShardWriters(task.layout.shard(f"{source[0]}_{source[1]}-00000000"), SCHEMA)
     table = pa.table({"_healpix_29": list(range(rows, 0, -1)), "value": [float(i) for i in range(rows)]},
                      schema=SCHEMA)
-    writers.write(task.pixel, table)
+    writers.write((*source, *task.pixel), table)
     writers.close()
 
 
@@ -44,7 +45,7 @@ def test_a_failing_reduce_leaves_the_published_file_whole(tmp_path):
     """It opened the final file before reading its shards: a bad second shard truncated it."""
     task = make_task(tmp_path, [(2, 177), (2, 178)], expected_rows=7)
     write_shard(task, (2, 177), 4)
-    task.layout.shard(2, 178).write_bytes(b"not an arrow file")
+    task.layout.shard("2_178-00000000").write_bytes(b"not an arrow file")
     before = publish_earlier_file(task)
     with pytest.raises(pa.ArrowInvalid):
         reduce_pixel(task)

@@ -145,11 +145,11 @@ def test_same_values_resume_without_redoing_work(client, setup, monkeypatch, cap
     log = root / "map_calls.txt"
     real = mapping.map_partition
 
-    def spy(task):
+    def spy(task, *args):
         # Dask pickles the task function: a list in its closure would be a copy, always empty
         with open(log, "a") as handle:
             handle.write(task.key + "\n")
-        return real(task)
+        return real(task, *args)
 
     monkeypatch.setattr(mapping, "map_partition", spy)
     caplog.set_level(logging.INFO, logger="hats_margin")
@@ -201,12 +201,12 @@ def test_fingerprint_is_recorded_before_any_task(client, setup, monkeypatch):
     log = root / "map_calls.jsonl"
     real = mapping.map_partition
 
-    def spy(task):
+    def spy(task, *args):
         # Dask pickles the task function (a copied list would stay empty): report through a file
         fingerprint = json.loads(run_json.read_text())["fingerprint"] if run_json.exists() else None
         with open(log, "a") as handle:
             handle.write(json.dumps(fingerprint) + "\n")
-        return real(task)
+        return real(task, *args)
 
     monkeypatch.setattr(mapping, "map_partition", spy)
     pipeline_with_client(args, client)

@@ -50,3 +50,31 @@ def test_a_failing_task_fails_alone_in_its_batch(client):
     with pytest.raises(StageFailedError, match="bad") as info:
         runner.run_stage(client, "Reducing", echo, tasks, progress_bar=False)
     assert list(info.value.failures) == ["bad"]
+
+
+SIZES: list[int] = []
+
+
+def echo_batch(tasks: list[Task]) -> dict:
+    """A batch function (batched=True): one call per Dask task, one outcome per task."""
+    outcome = {}
+    for task in tasks:
+        try:
+            outcome[task.key] = (True, echo(task))
+        except ValueError as exc:
+            outcome[task.key] = (False, exc)
+    SIZES.append(len(tasks))
+    return outcome
+
+
+def test_a_batch_function_gets_whole_batches_and_reports_per_task(client, monkeypatch):
+    monkeypatch.setattr(runner, "batch_size", lambda n_tasks, threads: 4)
+    tasks = [Task(f"t{i}") for i in range(9)]
+    SIZES.clear()
+    results = runner.run_stage(client, "Mapping", echo_batch, tasks, progress_bar=False, batched=True)
+    assert results == {t.key: t.key.upper() for t in tasks}
+    assert sorted(SIZES) == [1, 4, 4], "one call per batch (the in-process client shares this module)"
+    with pytest.raises(StageFailedError, match="bad") as info:
+        runner.run_stage(client, "Mapping", echo_batch, [Task("a"), Task("bad"), Task("c")], progress_bar=False,
+                         batched=True)
+    assert list(info.value.failures) == ["bad"]

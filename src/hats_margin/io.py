@@ -11,6 +11,7 @@ import logging
 import os
 import posixpath
 import re
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -360,17 +361,26 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 # ---------------------------------------------------------------- intermediate layout
-INTERMEDIATE_FORMAT = 2
+INTERMEDIATE_FORMAT = 3
 """Version of the shard and marker layout, part of a run's fingerprint: intermediate files of
-another layout (1: one shard per source x destination pair) are never resumed."""
+another layout (2: one shard and one marker per map task; 1: one shard per source x destination
+pair) are never resumed."""
+
+_BATCH = r"\d+_\d+-[0-9a-f]{8}"
+"""Name of a batch of map tasks: its first task's ``order_pixel``, then 8 random hex digits (each
+attempt at a batch writes files of its own: a batch redone, maybe batched otherwise, never
+overwrites a shard that a marker of an earlier attempt names)."""
 
 # every path a run writes below its intermediate directory (relative, '/'-separated); the
 # temporary names are io.write_json's
 _INTERMEDIATE_ENTRY = re.compile(
     r"run\.json|\.run\.json\.\d+\.tmp"
-    r"|(mapping|reducing)(/(\d+_\d+\.json|\.\d+_\d+\.json\.\d+\.tmp))?"
-    r"|shards(/\d+_\d+\.arrow|/\d+_\d+(/\d+_\d+\.arrow)?)?"  # format 2 (per map task), and 1
+    r"|reducing(/(\d+_\d+\.json|\.\d+_\d+\.json\.\d+\.tmp))?"  # reduce markers of older runs
+    r"|mapping(/(" + _BATCH + r"\.json|\." + _BATCH + r"\.json\.\d+\.tmp"  # format 3 (per batch)
+    r"|\d+_\d+\.json|\.\d+_\d+\.json\.\d+\.tmp))?"  # format 2 and 1 (per map task)
+    r"|shards(/" + _BATCH + r"\.arrow|/\d+_\d+\.arrow|/\d+_\d+(/\d+_\d+\.arrow)?)?"  # format 3, 2 and 1
 )
+_BATCH_MARKER = re.compile(_BATCH + r"\.json")
 
 
 @dataclass(frozen=True)
@@ -409,13 +419,25 @@ class TempLayout:
         """Directory of the map tasks' shard files."""
         return self.base / "shards"
 
-    def map_marker(self, order: int, pixel: int) -> UPath:
-        """The done marker of the map task of source partition (order, pixel)."""
-        return self._mapping / f"{order}_{pixel}.json"
+    @staticmethod
+    def new_batch(first: tuple[int, int]) -> str:
+        """A fresh name for one attempt at a batch of map tasks whose first task maps ``first``."""
+        return f"{first[0]}_{first[1]}-{uuid.uuid4().hex[:8]}"
 
-    def shard(self, src_order: int, src_pixel: int) -> UPath:
-        """The one shard file of a map task: every destination's rows, grouped in record batches."""
-        return self._shards / f"{src_order}_{src_pixel}.arrow"
+    def map_marker(self, batch: str) -> UPath:
+        """The done marker of a batch of map tasks (written once its shard is complete)."""
+        return self._mapping / f"{batch}.json"
+
+    def shard(self, batch: str) -> UPath:
+        """The one shard file of a batch of map tasks: every task's rows, in record batches per
+        (source, destination)."""
+        return self._shards / f"{batch}.arrow"
+
+    def map_markers(self) -> list[UPath]:
+        """The done markers of the batches of map tasks written so far (sorted by name)."""
+        if not self._mapping.exists():
+            return []
+        return sorted((p for p in self._mapping.iterdir() if _BATCH_MARKER.fullmatch(p.name)), key=lambda p: p.name)
 
     def make_dirs(self):
         """Create the mapping and shards directories (and the base) if missing."""
@@ -498,83 +520,133 @@ def read_json(path: UPath) -> dict | None:
 
 
 SHARD_FLUSH_BYTES = 4 << 20
-"""Rows a map task holds in memory before writing them to its shard: small beside a row group
-(the memory bound), large enough that a destination's rows from many row groups share a batch."""
+"""Rows a map task holds in memory before writing them to its batch's shard: small beside a row
+group (the memory bound), large enough that a destination's rows from many row groups share a
+record batch."""
 
 
 class ShardWriters:
-    """The single Arrow IPC shard of one map task (source partition), whatever the number of
-    destinations: O(map tasks) intermediate files, never O(source x destination pairs).
+    """The single Arrow IPC shard of one batch of map tasks, whatever the number of tasks and
+    destinations: O(batches) intermediate files, never O(map tasks) or O(source x destination).
 
-    Rows are buffered per destination and written, destination after destination, as record
-    batches; ``index`` says which batches hold which destination's rows (recorded in the map
-    task's done marker), so a reduce task reads only its own batches (random access in the IPC
-    file format). The buffer is flushed whenever it holds ``flush_bytes``, so memory stays
-    bounded by one row group plus ``flush_bytes``. Keys are destination pixels ``(order, pixel)``,
-    or ``(margin, order, pixel)`` when several margins are built from one read.
+    Keys are ``(source order, source pixel, *destination)``, the destination being ``(order,
+    pixel)``, or ``(margin, order, pixel)`` when several margins are built from one read. Rows are
+    buffered per key and written, key after key, as record batches; ``index[source][destination]``
+    says which batches hold them (recorded in the batch's done marker), so a reduce task reads
+    only its own batches (random access in the IPC file format). The buffer is flushed whenever it
+    holds ``flush_bytes`` and at the end of every map task (``flush``), so memory stays bounded by
+    one row group plus ``flush_bytes`` and a record batch never mixes two sources.
     """
 
-    def __init__(self, layout: TempLayout, src_order: int, src_pixel: int, schema: pa.Schema,
-                 flush_bytes: int = SHARD_FLUSH_BYTES):
-        """Nothing is opened until the first flush; ``flush_bytes`` is the buffer size (bytes)
-        that triggers one.
-        """
-        self.path = layout.shard(src_order, src_pixel)
+    def __init__(self, path: UPath, schema: pa.Schema, flush_bytes: int = SHARD_FLUSH_BYTES):
+        """Nothing is opened until the first flush (a batch sending no row writes no file);
+        ``flush_bytes`` is the buffer size (bytes) that triggers one."""
+        self.path = path
         self.schema, self.flush_bytes = schema, flush_bytes
         self._sink = self._writer = None
-        self._pending: dict[tuple[int, int], list[pa.Table]] = {}
+        self._pending: dict[tuple[int, ...], list[pa.Table]] = {}
         self._pending_bytes = 0
         self._batches = 0
-        self.rows: dict[tuple[int, int], int] = {}
-        self.index: dict[tuple[int, int], list[int]] = {}
+        self.broken = False
+        """a write into the file failed: what it holds is unknown, nothing of it may be published"""
+        self.rows: dict[tuple[int, int], dict[tuple[int, ...], int]] = {}
+        self.index: dict[tuple[int, int], dict[tuple[int, ...], list[int]]] = {}
 
-    def write(self, dest: tuple[int, int], table: pa.Table):
-        """Send ``table`` (rows of the catalog schema) to destination ``dest``."""
+    def source(self, source: tuple[int, int]) -> SourceShard:
+        """The writer one map task sends its rows to (keys without the source)."""
+        return SourceShard(self, (int(source[0]), int(source[1])))
+
+    def write(self, key: tuple[int, ...], table: pa.Table):
+        """Send ``table`` (rows of the catalog schema) to ``key``: (source order, source pixel, *destination)."""
         if not table.num_rows:
             return
-        self._pending.setdefault(dest, []).append(table)
+        self._pending.setdefault(key, []).append(table)
         self._pending_bytes += table.nbytes
-        self.rows[dest] = self.rows.get(dest, 0) + table.num_rows
+        rows = self.rows.setdefault(key[:2], {})
+        rows[key[2:]] = rows.get(key[2:], 0) + table.num_rows
         if self._pending_bytes >= self.flush_bytes:
             self.flush()
 
     def flush(self):
-        """Write the buffered rows: one record batch per destination."""
+        """Write the buffered rows: one record batch per key."""
         if self._pending:
-            self._write_pending()
+            try:
+                self._write_pending()
+            except BaseException:
+                self.broken = True
+                raise
 
     def _write_pending(self):
-        """Write the buffered rows, destination by destination, as record batches, noting their batch numbers."""
+        """Write the buffered rows, key by key, as record batches, noting their batch numbers."""
         if self._writer is None:
             location, fs = arrow_location(self.path)
             self._sink = pa.OSFile(location, "wb") if fs is None else fs.open(location, "wb")
             self._writer = ipc.new_file(self._sink, self.schema)
-        for dest in sorted(self._pending):
-            tables = self._pending[dest]
+        for key in sorted(self._pending):
+            tables = self._pending[key]
             table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+            index = self.index.setdefault(key[:2], {}).setdefault(key[2:], [])
             for batch in table.combine_chunks().to_batches():
                 self._writer.write_batch(batch)
-                self.index.setdefault(dest, []).append(self._batches)
+                index.append(self._batches)
                 self._batches += 1
         self._pending.clear()
         self._pending_bytes = 0
 
+    def drop(self, source: tuple[int, int]):
+        """Forget a failed map task's rows: its buffered rows are discarded; record batches it
+        already wrote stay in the file, named by no marker."""
+        for key in [k for k in self._pending if k[:2] == source]:
+            self._pending_bytes -= sum(t.nbytes for t in self._pending.pop(key))
+        self.rows.pop(source, None)
+        self.index.pop(source, None)
+
     def close(self):
         """Flush and complete the file (its footer makes the batches readable)."""
         self.flush()
-        self.abort()
+        try:
+            self.abort()
+        except BaseException:
+            self.broken = True
+            raise
 
     def abort(self):
         """Release the file without flushing (after a failure; the marker is never written)."""
         self._pending.clear()
         if self._writer is not None:
-            self._writer.close()
-            self._sink.close()
+            writer, sink = self._writer, self._sink
             self._writer = self._sink = None
+            try:
+                writer.close()
+            finally:
+                sink.close()
+
+
+@dataclass
+class SourceShard:
+    """One map task's view of its batch's shard: rows sent per destination, and the record
+    batches holding them."""
+
+    shard: ShardWriters
+    source: tuple[int, int]
+
+    def write(self, dest: tuple[int, ...], table: pa.Table):
+        """Send ``table`` to destination ``dest`` (``(order, pixel)`` or ``(margin, order, pixel)``)."""
+        self.shard.write((*self.source, *dest), table)
+
+    @property
+    def rows(self) -> dict[tuple[int, ...], int]:
+        """Rows sent per destination."""
+        return self.shard.rows.get(self.source, {})
+
+    @property
+    def index(self) -> dict[tuple[int, ...], list[int]]:
+        """Record batches of the shard per destination (complete once the task's rows are flushed)."""
+        return self.shard.index.get(self.source, {})
 
 
 def read_shard(path: UPath, batches) -> pa.Table:
-    """The given record batches of a map task's shard, as one table (reads only those batches)."""
+    """The given record batches of a batch's shard, as one table (reads only those batches)."""
     location, fs = arrow_location(path)
     if fs is None:
         with pa.memory_map(location) as source:

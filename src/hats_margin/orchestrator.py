@@ -2,8 +2,9 @@
 
 - ``planning`` (driver): checks the input and output, resolves the margin order, and
   builds one small spec per source partition (its reachable destination pixels).
-- ``mapping`` (workers, one task per source partition): streams the partition row group
-  by row group and writes, per destination pixel, the rows that belong to its margin.
+- ``mapping`` (workers, one task per source partition, sent in batches that share one shard and
+  one done marker): streams the partition row group by row group and writes, per destination
+  pixel, the rows that belong to its margin.
 - ``reducing`` (workers, one task per margin pixel): merges its shards, sorted by the
   spatial index, into the final parquet file.
 - ``finishing`` (driver): ``_metadata``, ``partition_info.csv``, ``hats.properties``
@@ -15,9 +16,9 @@ Several thresholds (``margin_threshold=[5, 10, 60]``) go to ``many``: one run pe
 everything a run owns, one shared map stage.
 
 ``pipeline(args)`` owns a local Dask cluster; ``pipeline_with_client(args, client)``
-borrows the caller's client. Every task is idempotent and leaves a done marker (a map task's
-JSON marker; a reduce task's margin file, published only when complete), so a re-run with the
-same arguments resumes where a killed run stopped.
+borrows the caller's client. Every task is idempotent and leaves a done marker (the JSON marker
+of its batch of map tasks, listing each; a reduce task's margin file, published only when
+complete), so a re-run with the same arguments resumes where a killed run stopped.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from upath import UPath
 from hats_margin import notify, resume, runner
 from hats_margin.arguments import MarginCacheArguments
 from hats_margin.errors import ArgumentError, StageFailedError
-from hats_margin.io import read_json
 from hats_margin.prechecks import precheck
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -210,12 +210,12 @@ def _map_stage(plan, start, client: Client, hint: str) -> tuple[dict[str, dict],
     todo = [t for t in plan.map_tasks if t.key not in done]
     skipped = len(plan.map_tasks) - len(todo)
     results = runner.run_stage(
-        client, "Mapping", mapping.map_partition, todo,
-        progress_bar=plan.args.progress_bar, skipped=skipped, resume_hint=hint,
+        client, "Mapping", mapping.map_batch, todo,
+        progress_bar=plan.args.progress_bar, skipped=skipped, resume_hint=hint, batched=True,
     )
     for task in plan.map_tasks:
         if task.key not in results:
-            results[task.key] = read_json(plan.layout.map_marker(*task.source))
+            results[task.key] = done[task.key]
     return results, skipped
 
 

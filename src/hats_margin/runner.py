@@ -70,11 +70,15 @@ def run_stage(
     progress_bar: bool,
     skipped: int = 0,
     resume_hint: str = "",
+    batched: bool = False,
 ) -> dict[str, object]:
     """Run ``func(task)`` for every task on the cluster. Returns ``{task.key: result}``.
 
     Small tasks are sent in batches (see ``batch_size``) so that Dask's per-task cost does not
-    dominate catalogs of many small partitions; results and failures stay per task.
+    dominate catalogs of many small partitions; results and failures stay per task. With
+    ``batched``, ``func`` takes a whole batch (a list of tasks) and returns ``{task.key: (ok,
+    result or exception)}`` for each, as ``_run_batch`` does (the map stage writes one shard and
+    one marker per batch).
     """
     from distributed import as_completed
 
@@ -85,10 +89,11 @@ def run_stage(
     token = uuid.uuid4().hex[:8]
     size = batch_size(len(tasks), _total_threads(client))
     batches = [list(tasks[i : i + size]) for i in range(0, len(tasks), size)]
+    call = (func,) if batched else (_run_batch, func)
     with progress(stage, len(tasks), progress_bar, skipped) as bar:
         futures = {
             client.submit(
-                _run_batch, func, batch, key=f"hats-margin-{stage.lower()}-{batch[0].key}-{token}", pure=False
+                *call, batch, key=f"hats-margin-{stage.lower()}-{batch[0].key}-{token}", pure=False
             ): batch
             for batch in batches
         }

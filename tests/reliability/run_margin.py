@@ -14,10 +14,13 @@ package. Points (``:N`` = at the N-th occurrence); the map/reduce points need ``
     after-plan            planning done, before the output lock is taken
     after-lock            lock taken, before the intermediate directory is prepared
     after-run-json        intermediate directory and run.json written, no task run yet
-    map-shard:N           after the N-th write of buffered rows into a map task's shard (the
-                          shard has batches but no footer yet, no marker)
-    map-shard-closed:N    after the N-th map task's shard is complete, before its done marker
-    map-marker:N          after the N-th map done marker
+    map-shard:N           after the N-th write of buffered rows into a batch's shard (at least
+                          once per map task with rows: the shard has record batches but no
+                          footer yet, no marker)
+    map-shard-closed:N    after the N-th batch of map tasks has completed its shard, before its
+                          done marker
+    map-marker:N          after the N-th done marker of a batch of map tasks (one Dask task;
+                          with 14 tasks on 2 threads a batch is one map task, on 1 thread three)
     reduce-write:N        after the N-th write into a margin file (a partial parquet file)
     reduce-publish:N      after the N-th margin file is renamed into place (a reduce task's
                           done marker: no marker file per margin pixel)

@@ -13,11 +13,14 @@ Kill points are of three kinds:
 * exact points inside the run (``run_margin.py --die-at``, the subprocess kills its own group
   there), covering planning, mapping, reducing and finishing, including half-written shards,
   half-written margin files, a half-renamed properties file and a half-done clean-up;
-* points seen from outside, on the files a run writes (N map markers, the first reduce
-  marker, partition_info.csv...), against a real LocalCluster with worker processes;
+* points seen from outside, on the files a run writes (N map tasks listed in batch markers, the
+  first reduce marker, partition_info.csv...), against a real LocalCluster with worker processes;
 * random delays after the run has started.
 
-The default run has a short version (4 kill points); the sweep (``pytest -m slow
+Map tasks reach Dask in batches sharing one shard and one done marker: on the 2 threads of these
+runs a batch is one task; the short version also kills runs on 1 thread (batches of 3), inside a
+batch, and resumes them batched otherwise. The default run has a short version (7 kill points);
+the sweep (``pytest -m slow
 tests/reliability``) has 50 more.
 """
 
@@ -37,7 +40,7 @@ from harness import (
     exists,
     finish,
     kill_group,
-    map_markers_at_least,
+    mapped_tasks_at_least,
     margin_files_at_least,
     random_delays,
     resume_and_check,
@@ -51,8 +54,8 @@ N_MAP_TASKS = 14  # partitions of small_sky_source_catalog
 
 
 def kill_and_resume(client, baselines, source, tmp_path, *, fine, tmp_dir, threads, die_at=None, condition=None,
-                    delay=None, expect_stage=None, label=None):
-    run = Run(source, tmp_path / "out", fine, tmp_path / "tmp" if tmp_dir else None)
+                    delay=None, expect_stage=None, label=None, extra=None):
+    run = Run(source, tmp_path / "out", fine, tmp_path / "tmp" if tmp_dir else None, extra=extra or {})
     baseline = baselines(fine)
     proc = spawn(run, tmp_path / "run.log", threads=threads, die_at=die_at)
     if die_at:
@@ -95,7 +98,7 @@ def kill_and_resume(client, baselines, source, tmp_path, *, fine, tmp_dir, threa
 @pytest.mark.parametrize(
     ("fine", "tmp_dir", "die_at", "stage"),
     [
-        (False, False, "map-marker:5", "mapping"),
+        (False, False, "map-marker:5", "mapping"),  # 14 batches of one task (2 threads)
         (True, True, "reduce-write:3", "reducing"),
         (False, True, "mid-clean-up:4", "finishing"),
     ],
@@ -106,14 +109,37 @@ def test_kill_at_exact_point_then_resume(client, baselines, source_copy, sentine
                     die_at=die_at, expect_stage=stage)
 
 
+ONE_THREAD = {"dask_threads_per_worker": 1}
+"""The killed run maps in batches of 3 tasks (14 tasks, 1 thread: 5 batches); the resume, on the
+session client (2 threads), in batches of 1."""
+
+
+@pytest.mark.parametrize(
+    ("die_at", "mapped", "markers", "shards"),
+    [
+        ("map-shard:2", 0, 0, 1),  # the first batch's second task has written its rows: no marker yet
+        ("map-shard-closed:2", 3, 1, 2),  # the second batch's shard is complete, its marker not written
+        ("map-marker:2", 6, 2, 2),
+    ],
+)
+def test_kill_inside_a_batch_of_map_tasks_then_resume_batched_otherwise(client, baselines, source_copy, sentinels,
+                                                                      tmp_path, die_at, mapped, markers, shards):
+    """A batch killed midway leaves no marker and is redone whole; the re-run, batching
+    differently, skips exactly the tasks the markers list and writes the uninterrupted run's rows."""
+    _, state, result = kill_and_resume(client, baselines, source_copy, tmp_path, fine=True, tmp_dir=False,
+                                       threads=True, die_at=die_at, expect_stage="mapping", extra=ONE_THREAD)
+    assert (state["mapped_tasks"], state["map_markers"], state["shards"]) == (mapped, markers, shards), state
+    assert result.skipped_tasks["mapping"] == mapped
+
+
 def test_kill_worker_processes_mid_mapping_then_resume(client, baselines, source_copy, sentinels, tmp_path):
     """A real LocalCluster (2 worker processes) killed as a group once 3 map tasks are done."""
     run = Run(source_copy, tmp_path / "out", True)
     _, state, _ = kill_and_resume(
         client, baselines, source_copy, tmp_path, fine=True, tmp_dir=False, threads=False,
-        condition=map_markers_at_least(run, 3),
+        condition=mapped_tasks_at_least(run, 3),
     )
-    assert state["map_markers"] >= 3 and state["run_json"]
+    assert state["mapped_tasks"] >= 3 and state["run_json"]
 
 
 # ----------------------------------------------------------------------------------- the sweep
@@ -148,8 +174,8 @@ def test_sweep_exact_points(client, baselines, source_copy, sentinels, tmp_path,
 
 
 WATCHED = {
-    "first-map-marker": lambda run: map_markers_at_least(run, 1),
-    "half-map-markers": lambda run: map_markers_at_least(run, 7),
+    "first-map-marker": lambda run: mapped_tasks_at_least(run, 1),
+    "half-map-markers": lambda run: mapped_tasks_at_least(run, 7),
     "first-margin-file": lambda run: margin_files_at_least(run, 1),
     "half-margin-files": lambda run: margin_files_at_least(run, 7),
     "partition-info": lambda run: exists(run.target / "partition_info.csv"),
@@ -184,6 +210,6 @@ def test_killed_twice_then_resumed(client, baselines, source_copy, sentinels, tm
     first = snapshot(run)
     finish(spawn(run, tmp_path / "run2.log", threads=True, die_at="reduce-publish:3"), killed=True)
     second = snapshot(run)
-    assert first["map_markers"] == 4 and second["map_markers"] == N_MAP_TASKS and second["margin_files"] == 3
+    assert first["mapped_tasks"] == 4 and second["mapped_tasks"] == N_MAP_TASKS and second["margin_files"] == 3
     assert "done in an earlier run, skipped" in (tmp_path / "run2.log").read_text()
     resume_and_check(client, run, second, baselines(True), N_MAP_TASKS)

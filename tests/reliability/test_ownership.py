@@ -10,8 +10,10 @@ import shutil
 import pytest
 from harness import NAME, Run, assert_same_margin, finish, spawn, tree_digest
 from hats.io.validation import is_valid_catalog
+from upath import UPath
 
 from hats_margin import OutputExistsError, StageFailedError, pipeline_with_client
+from hats_margin.io import TempLayout
 
 BAD_PARTITION = ("dataset", "Norder=2", "Dir=0", "Npix=183.parquet")
 
@@ -181,6 +183,27 @@ def test_overwrite_of_files_not_ours_replaces_them_only_at_the_end(client, basel
 
 # ------------------------------------------------------------------ issue 13 item 4: every depth
 USERS_FILES = ("shards/notes.txt", "shards/2_176/notes.txt", "mapping/mine/deep.txt", "reducing/0_4.json.bak")
+
+
+@pytest.mark.parametrize(("relative", "owned"), [
+    ("mapping/2_176-0123abcd.json", True),  # a batch's done marker (format 3)
+    ("mapping/.2_176-0123abcd.json.4242.tmp", True),  # its write cut short (io.write_json's name)
+    ("shards/2_176-0123abcd.arrow", True),  # a batch's shard (format 3)
+    ("mapping/2_176.json", True), ("shards/2_176.arrow", True),  # format 2, discarded by a fresh start
+    ("shards/2_176/1_3.arrow", True),  # format 1
+    ("mapping/2_176-0123abc.json", False), ("mapping/2_176-0123ABCD.json", False),
+    ("shards/2_176-0123abcd.arrow.bak", False), ("shards/notes-0123abcd.arrow", False),
+    ("mapping/2_176-0123abcd.json.bak", False), ("mapping/mine/2_176-0123abcd.json", False),
+])
+def test_only_names_a_run_writes_are_owned(relative, owned):
+    assert TempLayout.owns(relative) is owned
+
+
+def test_batch_names_a_run_writes_are_owned(tmp_path):
+    layout = TempLayout(UPath(tmp_path))
+    batch = layout.new_batch((2, 176))
+    for path in (layout.map_marker(batch), layout.shard(batch)):
+        assert TempLayout.owns(str(path.relative_to(layout.base))), path
 
 
 def put_users_files(base):

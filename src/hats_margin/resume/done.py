@@ -1,4 +1,5 @@
-"""Which tasks an earlier run finished: a map task's done marker (``mapping/<order>_<pixel>.json``),
+"""Which tasks an earlier run finished: a map task listed in the done marker of its batch
+(``mapping/<batch>.json``),
 a reduce task's published margin file (renamed into place only when complete) holding the rows
 the map stage sent it."""
 
@@ -9,18 +10,38 @@ from typing import TYPE_CHECKING
 
 from upath import UPath
 
-from hats_margin.io import TempLayout, file_key, listed_files, read_footer
+from hats_margin.io import (
+    INTERMEDIATE_FORMAT,
+    TempLayout,
+    file_key,
+    is_local,
+    listed_files,
+    read_footer,
+    read_json,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from hats_margin.stages.reducing import ReduceTask
 
 
-def done_maps(layout: TempLayout) -> set[str]:
-    """Keys (``order_pixel``) of the map tasks whose done marker is in ``layout``; empty if none."""
-    directory = layout.base / "mapping"
-    if not directory.exists():
-        return set()
-    return {p.name[: -len(".json")] for p in directory.iterdir() if p.name.endswith(".json")}
+def done_maps(layout: TempLayout) -> dict[str, dict]:
+    """The map tasks an earlier run finished: ``order_pixel`` -> the payload its batch's done marker
+    (``mapping/<batch>.json``) records for it; empty if none. A task listed by two markers (a batch
+    re-run by Dask after its worker died past the marker) is taken from the first by name: each
+    names a complete shard. An unreadable marker counts as absent (its tasks are redone)."""
+    markers = layout.map_markers()
+    if is_local(layout.base):
+        contents = [read_json(m) for m in markers]
+    else:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            contents = list(pool.map(read_json, markers))
+    done: dict[str, dict] = {}
+    for content in contents:
+        if not content or content.get("format") != INTERMEDIATE_FORMAT:
+            continue
+        for key, payload in content.get("tasks", {}).items():
+            done.setdefault(key, payload)
+    return done
 
 
 def done_reduces(build_path: UPath, reduce_tasks: list[ReduceTask]) -> set[str]:

@@ -21,6 +21,7 @@ import time
 from hats_margin.errors import OutputExistsError, ResumeMismatchError
 from hats_margin.io import TempLayout, read_json, write_json
 from hats_margin.pixel import Pixel
+from hats_margin.resume.done import done_maps
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ def _describe_change(layout: TempLayout, key: str, was, now) -> str | None:
         if was.keys() != now.keys():
             return "input_files (the set of partition files changed)"
         edited = sorted(k for k in was if was[k] != now[k])
-        mapped = [k for k in edited if layout.map_marker(*Pixel.parse(k)).exists()]
+        done = done_maps(layout) if edited else {}
+        mapped = [k for k in edited if k in done]
         if not mapped:
             return None
         shown = ", ".join("Norder={}/Npix={}".format(*Pixel.parse(k)) for k in mapped[:5])

@@ -65,9 +65,9 @@ class Start:
         """A dead run with the same values had written the whole catalog."""
         return self.kind == COMPLETE
 
-    def done_maps(self) -> set[str]:
-        """Keys of the map tasks an earlier run finished (none unless resuming)."""
-        return done_maps(self.layout) if self.kind == RESUME else set()
+    def done_maps(self) -> dict[str, dict]:
+        """The map tasks an earlier run finished, with their marker payloads (none unless resuming)."""
+        return done_maps(self.layout) if self.kind == RESUME else {}
 
     def done_reduces(self, reduce_tasks: list[ReduceTask]) -> set[str]:
         """Keys of ``reduce_tasks`` an earlier run finished (none unless resuming)."""

@@ -1,11 +1,13 @@
-"""Mapping: one task per source partition writes its margin rows, grouped by destination, to one shard.
+"""Mapping: one task per source partition writes its margin rows, grouped by destination, to the
+one shard of its batch.
 
 Row group by row group (memory bounded by one row group): read the spatial index (and ra/dec in
 exact mode), find candidate (row, destination) pairs from the nested bits
 (geometry.candidate_pairs), in exact mode keep those within the threshold (exact_filter), and
-only then decode the other columns to send the selected rows to the task's single shard
-(io.ShardWriters). The done marker records the rows and the shard's record batches per
-destination, for the reduce tasks.
+only then decode the other columns to send the selected rows to the shard (io.ShardWriters).
+The tasks of one Dask batch (runner.run_stage) share one shard and one done marker
+(``map_batch``): intermediate files are O(batches), not O(map tasks). The marker records, per
+task, the rows and the shard's record batches per destination, for the reduce tasks and resume.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ from hats_margin.checks import check_coordinates
 from hats_margin.errors import InputCatalogError
 from hats_margin.exact_filter import pairs_within_threshold
 from hats_margin.io import (
+    INTERMEDIATE_FORMAT,
     ShardWriters,
+    SourceShard,
     TempLayout,
     check_file_schema,
     conform,
     leaf_files,
     leaf_path,
     open_parquet,
-    read_json,
     read_row_group,
     write_json,
 )
@@ -74,26 +77,69 @@ class MapTask:
         return leaf_path(self.catalog_root, *self.source, self.input_suffix)
 
 
-def map_partition(task: MapTask) -> dict:
-    """Run one map task; returns (and records in its done marker) rows sent per destination,
-    and how many rows it saw without usable coordinates (NaN/inf/null ra or dec)."""
-    marker = task.layout.map_marker(*task.source)
-    done = read_json(marker)
-    if done is not None:
-        return done
+def map_batch(tasks: list[MapTask]) -> dict[str, tuple[bool, object]]:
+    """Run a batch of map tasks (one Dask task) into one shard, then one done marker for them all.
+
+    Returns ``{task.key: (True, payload)}`` or ``{task.key: (False, exception)}`` per task, as
+    ``runner.run_stage`` expects of a batch function. A task that raises is reported alone (its
+    exception names its partition): its buffered rows are dropped, the other tasks go on, and the
+    marker lists only the tasks that succeeded. If the shard itself cannot be written (a failed
+    flush, footer or marker), no marker is written and every task of the batch fails with that
+    error. A batch killed midway leaves no marker: all its tasks are redone (in a new shard)."""
+    if not tasks:
+        return {}
+    layout = tasks[0].layout
+    batch = layout.new_batch(tasks[0].source)
+    shard = ShardWriters(layout.shard(batch), tasks[0].schema)
+    outcome: dict[str, tuple[bool, object]] = {}
+    payloads: dict[str, dict] = {}
     try:
-        rows, batches, no_position = _map(task)
+        for task in tasks:
+            try:
+                payloads[task.key] = map_partition(task, shard, batch)
+            except Exception as exc:
+                outcome[task.key] = (False, exc)
+                if shard.broken:
+                    raise
+                shard.drop(task.source)
+        shard.close()
+        if payloads:
+            write_json(layout.map_marker(batch), {
+                "format": INTERMEDIATE_FORMAT, "shard": batch, "tasks": payloads,  # read by resume and reduce
+            })
+    except Exception as exc:  # noqa: BLE001 - the shard or marker could not be written: no task of the batch is done
+        try:
+            shard.abort()
+        except Exception:  # noqa: BLE001, S110 - the first error is the one reported
+            pass
+        exc.add_note(f"hats-margin: while writing the shard of the batch of map tasks {batch} ({len(tasks)} task(s))")
+        for task in tasks:
+            outcome.setdefault(task.key, (False, exc))
+        return outcome
+    except BaseException:
+        shard.abort()
+        raise
+    for key, payload in payloads.items():
+        outcome[key] = (True, payload)
+    return {task.key: outcome[task.key] for task in tasks}
+
+
+def map_partition(task: MapTask, shard: ShardWriters, batch: str) -> dict:
+    """Run one map task into its batch's ``shard`` (named ``batch``); returns the payload its
+    batch marker records: rows sent and record batches per destination, the shard's name, and
+    how many rows it saw without usable coordinates (NaN/inf/null ra or dec)."""
+    try:
+        rows, batches, no_position = _map(task, shard.source(task.source))
     except Exception as exc:
         exc.add_note(f"hats-margin: while mapping partition Norder={task.source[0]}/Npix={task.source[1]} ({task.leaf})")
         raise
-    payload = {
+    return {
         "source": list(task.source),
+        "shard": batch,
         "rows": {_marker_key(key): n for key, n in sorted(rows.items())},
         "batches": {_marker_key(key): batches[key] for key in sorted(batches)},  # read by the reduce tasks
         "rows_without_coordinates": no_position,
     }
-    write_json(marker, payload)
-    return payload
 
 
 def _marker_key(key: tuple[int, ...]) -> str:
@@ -103,24 +149,19 @@ def _marker_key(key: tuple[int, ...]) -> str:
     return margin_key(Pixel(*key))
 
 
-def _map(task: MapTask) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], list[int]], int]:
+def _map(task: MapTask, writers: SourceShard) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], list[int]], int]:
     """Rows sent per destination, the shard's record batches holding each destination's rows, and
     how many of the rows whose coordinates were checked have none (NaN/inf/null)."""
     dests = geometry.Tiling.from_pixels(task.dest_orders, task.dest_pixels)
-    writers = ShardWriters(task.layout, *task.source, task.schema)
     no_position = 0
-    try:
-        for path in leaf_files(task.leaf, task.input_suffix):
-            parquet = open_parquet(path)
-            check_file_schema(parquet, path, task.schema)
-            first_row = 0
-            for group in range(parquet.num_row_groups):
-                no_position += _map_row_group(task, dests, parquet, path, group, writers, first_row)
-                first_row += parquet.metadata.row_group(group).num_rows
-    except BaseException:
-        writers.abort()
-        raise
-    writers.close()
+    for path in leaf_files(task.leaf, task.input_suffix):
+        parquet = open_parquet(path)
+        check_file_schema(parquet, path, task.schema)
+        first_row = 0
+        for group in range(parquet.num_row_groups):
+            no_position += _map_row_group(task, dests, parquet, path, group, writers, first_row)
+            first_row += parquet.metadata.row_group(group).num_rows
+    writers.shard.flush()  # this task's rows are in the file: their record batch numbers are known
     return dict(writers.rows), dict(writers.index), no_position
 
 

@@ -412,16 +412,17 @@ def make_reduce_tasks(plan: Plan, map_results: dict[str, dict]) -> list[ReduceTa
     tasks are returned largest first.
     """
     args, catalog = plan.args, plan.catalog
-    sources: dict[Pixel, list[tuple[int, int, tuple[int, ...], int]]] = {}
+    sources: dict[Pixel, list[tuple[int, int, str, tuple[int, ...], int]]] = {}
     for payload in map_results.values():
         source = tuple(payload["source"])
+        shard = payload["shard"]
         batches = payload.get("batches", {})
         for key, n in payload["rows"].items():
             if not n:
                 continue
             index, dest = parse_margin_key(key)
             if index == plan.margin_index:
-                sources.setdefault(dest, []).append((*source, tuple(batches[key]), n))
+                sources.setdefault(dest, []).append((*source, shard, tuple(batches[key]), n))
     write_kwargs = margin_write_kwargs(catalog.schema, catalog.healpix_column, args.write_table_kwargs)
     tasks = []
     for dest, items in sources.items():
@@ -430,7 +431,7 @@ def make_reduce_tasks(plan: Plan, map_results: dict[str, dict]) -> list[ReduceTa
             ReduceTask(
                 key=margin_key(dest, plan.margin_index),
                 pixel=dest,
-                sources=tuple((o, p, b) for o, p, b, _ in items),
+                sources=tuple((o, p, shard, b) for o, p, shard, b, _ in items),
                 expected_rows=sum(n for *_, n in items),
                 output_file=output_file(plan.build_path, *dest, args.npix_suffix, args.npix_parquet_name),
                 schema=catalog.schema,

@@ -1,7 +1,7 @@
 """Reducing: one task per destination pixel streams its rows into the final margin file.
 
-From the shard of each source partition sending it rows it reads only its own record batches
-(listed in the map task's marker). Source partitions cover disjoint spatial-index ranges, so
+From the shard of the batch of map tasks of each source partition sending it rows it reads only
+its own record batches (listed in the batch's marker). Source partitions cover disjoint spatial-index ranges, so
 sorting each source's rows and writing the sources in range order gives a file sorted by the
 spatial index, with memory bounded by one source's rows plus one row group.
 
@@ -39,9 +39,9 @@ class ReduceTask:
 
     key: str
     pixel: Pixel
-    sources: tuple[tuple[int, int, tuple[int, ...]], ...]
-    """(order, pixel, record batches of its shard) of every source partition sending rows, in
-    spatial-index order."""
+    sources: tuple[tuple[int, int, str, tuple[int, ...]], ...]
+    """(order, pixel, its batch's shard, record batches of that shard) of every source partition
+    sending rows, in spatial-index order."""
     expected_rows: int
     output_file: UPath
     schema: pa.Schema
@@ -62,8 +62,8 @@ def reduce_pixel(task: ReduceTask) -> dict:
         writer = MarginFileWriter(temporary, task.schema, task.write_kwargs)
         try:
             shards = task.shard_layout or task.layout
-            for src_order, src_pixel, batches in task.sources:
-                shard = read_shard(shards.shard(src_order, src_pixel), batches)
+            for _, _, batch, batches in task.sources:
+                shard = read_shard(shards.shard(batch), batches)
                 writer.write(shard.sort_by(task.healpix_column))
         finally:
             writer.close()
