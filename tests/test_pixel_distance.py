@@ -775,3 +775,23 @@ def test_several_thresholds_shapes_and_arguments():
         within_thresholds_of_pixel([0.0], [0.0], 2, 10, [1.0, float("nan")])
     with pytest.raises(ValueError):
         within_thresholds_of_pixel([0.0], [0.0], 2, -1, [1.0])
+
+
+def test_several_thresholds_send_no_more_points_to_the_branch_and_bound_than_one_call_each(monkeypatch):
+    """The shared bracket must not leave more points for the branch and bound than separate calls
+    do (each threshold's own polyline refines the points its threshold leaves open, even when a
+    larger threshold with the same polyline had decided them)."""
+    solved = []
+    real = _Solver.solve
+    monkeypatch.setattr(_Solver, "solve", lambda self, px, *a, **kw: solved.append(len(px)) or real(self, px, *a, **kw))
+    rng = np.random.default_rng(5)
+    order, pixel, thresholds = 3, 300, [60.0, 10.0, 5.0]
+    lon, lat = cds.vertices(np.array([pixel], dtype=np.uint64), order, step=256)
+    k = rng.integers(0, lon.shape[1], 20000)
+    pts = [offset_point(float(lon.deg[0, i]), float(lat.deg[0, i]), rng.uniform(0, 70) / 3600, rng.uniform(0, 360)) for i in k]
+    ra, dec = map(np.array, zip(*pts))
+    singles = [within_threshold_of_pixel(ra, dec, order, pixel, t) for t in thresholds]
+    separate, solved[:] = sum(solved), []
+    several = within_thresholds_of_pixel(ra, dec, order, pixel, thresholds)
+    np.testing.assert_array_equal(several, np.array(singles))
+    assert 0 < sum(solved) <= separate

@@ -915,19 +915,23 @@ def _decide(solver, polys, thr, chord_in, chord_out, px, py, pz, pending, result
 
     The polyline bracket of the largest threshold bounds every point's chord to the boundary
     once; a smaller threshold refines, with its own finer polyline, only the points these bounds
-    leave undecided for it, and the branch and bound takes those still undecided. Each
+    leave undecided for it (and not bracketed that finely yet), and the branch and bound takes
+    those still undecided. Each
     refinement's bounds certify the decisions of its threshold and of the smaller ones only
     (``_Polyline.bounds``), which are the ones decided after it.
     """
     upper, lower = polys[0].bounds(px, py, pz, chord_in, chord_out)
+    fine = np.full(px.shape, polys[0].fine)  # the finest polyline each point was bracketed with
     rest, rest_thr = [], []
     for k in range(thr.size):
         open_ = pending[k] & ~(upper <= chord_in[k]) & ~(lower > chord_out[k])
-        if k and polys[k] is not polys[k - 1] and np.any(open_):
-            sub = np.nonzero(open_)[0]
+        coarser = open_ & (fine < polys[k].fine)
+        if np.any(coarser):
+            sub = np.nonzero(coarser)[0]
             up, low = polys[k].bounds(px[sub], py[sub], pz[sub], chord_in[k:], chord_out[k:])
             upper[sub] = np.minimum(upper[sub], up)
             lower[sub] = np.maximum(lower[sub], low)
+            fine[sub] = polys[k].fine
             open_ = pending[k] & ~(upper <= chord_in[k]) & ~(lower > chord_out[k])
         result[k, where[pending[k] & (upper <= chord_in[k])]] = True
         rest.append(np.nonzero(open_)[0])
