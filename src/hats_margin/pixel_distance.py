@@ -10,14 +10,18 @@ Public API
     pixel ``pixel`` at ``order``; exactly ``0.0`` for points inside it.
 ``within_threshold_of_pixel(ra_deg, dec_deg, order, pixel, threshold_arcsec) -> bool ndarray``
     ``distance <= threshold_arcsec``.
+``within_thresholds_of_pixel(ra_deg, dec_deg, order, pixel, thresholds_arcsec) -> bool ndarray``
+    The same for several thresholds in one pass (row k for ``thresholds_arcsec[k]``, same
+    guarantee): the several-margin map stage's test.
 ``cell_caps(cells, order) -> (ra_deg, dec_deg, radius_arcsec)``
     Centre of many cells and a certified radius enclosing each whole cell (the whole-cell
     decisions of ``exact_filter`` rest on it).
 
-Both distance functions take ``known_outside=True``: the caller promises no point is in the
+The distance functions take ``known_outside=True``: the caller promises no point is in the
 pixel, and the inside lookup is skipped.
 
-Both broadcast ``ra_deg`` against ``dec_deg`` and return an array of the broadcast shape.
+They broadcast ``ra_deg`` against ``dec_deg`` and return an array of the broadcast shape
+(``within_thresholds_of_pixel``: one such array per threshold, stacked).
 Non-finite coordinates give ``nan`` / ``False``; ``|dec| > 90`` raises ``ValueError``.
 
 Error bound
