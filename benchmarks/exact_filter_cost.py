@@ -27,9 +27,9 @@ except ImportError:  # running from a checkout without installing the package
 
 import numpy as np
 
-from hats_margin import geometry
+from hats_margin import exact_filter, geometry
 from hats_margin.io import leaf_files, open_parquet, read_row_group
-from hats_margin.stages import mapping, planning
+from hats_margin.stages import planning
 
 
 def measure(catalog: str, threshold: float, out: str) -> dict:
@@ -59,10 +59,13 @@ def measure(catalog: str, threshold: float, out: str) -> dict:
                 )
                 middle = time.perf_counter()
                 if len(rows):
-                    rows_kept, _ = mapping._exact_filter(
-                        task, dests, parquet, path, group, spatial_index, rows, dest_idx
+                    radec = read_row_group(parquet, path, group, [task.ra_column, task.dec_column])
+                    ra, dec = (np.asarray(c.to_numpy(), dtype=np.float64) for c in radec.columns)
+                    keep = exact_filter.pairs_within_threshold(
+                        ra, dec, spatial_index, task.healpix_order, max(task.search_order, task.source[0]),
+                        rows, dest_idx, dests, task.threshold_arcsec,
                     )
-                    kept += len(rows_kept)
+                    kept += int(keep.sum())
                 candidates += len(rows)
                 end = time.perf_counter()
                 search += middle - start

@@ -101,9 +101,9 @@ def test_pairs_within_threshold_equals_the_row_by_row_test_and_decides_cells_who
 
     def counting(ra_deg, *args, **kwargs):
         tested.append(len(ra_deg))
-        return within_threshold_of_pixel(ra_deg, *args, **kwargs)
+        return pixel_distance.within_thresholds_of_pixel(ra_deg, *args, **kwargs)
 
-    monkeypatch.setattr(exact_filter, "within_threshold_of_pixel", counting)
+    monkeypatch.setattr(exact_filter, "within_thresholds_of_pixel", counting)
     keep = exact_filter.pairs_within_threshold(ra, dec, index, 29, dest_order, rows, dest_idx, dests, thr)
     assert np.array_equal(keep, row_by_row)
     assert 0 < row_by_row.sum() < len(rows)
@@ -200,3 +200,62 @@ def test_polyline_bracket_spares_the_branch_and_bound_and_changes_no_answer(orde
         for k in range(300):
             got = within_threshold_of_pixel(ra[k : k + 1], dec[k : k + 1], order, pixel, dist[k] * factor)
             assert got[0] == expected, (ra[k], dec[k], dist[k], factor)
+
+
+@pytest.mark.parametrize(
+    "dest_order, dest_pixel, thresholds", [(5, 1000, [60.0, 10.0, 5.0]), (4, 1500, [3600.0, 60.0, 1200.0])]
+)
+def test_pairs_within_thresholds_equals_one_call_per_threshold(dest_order, dest_pixel, thresholds, monkeypatch):
+    """Several thresholds in one pass, on rows dense enough to be decided by cells (at the
+    largest threshold's order): row k is pairs_within_threshold at thresholds[k], and the rows
+    a cell leaves undecided for some threshold are tested for all in one call per destination."""
+    top = max(thresholds)
+    neighbours = cds.neighbours(np.array([dest_pixel], dtype=np.uint64), dest_order)[0]
+    source = int(neighbours[neighbours >= 0][0])
+    ra, dec, index = _dense_rows_beside(dest_order, dest_pixel, source, 20_000, top, seed=dest_pixel)
+    dests = geometry.Tiling.from_pixels([dest_order], [dest_pixel])
+    search = max(dest_order, geometry.coarse_order_for_threshold(top))
+    rows, dest_idx = geometry.candidate_pairs(
+        index, 29, dest_order, source, search, geometry.rings_needed(top, search), dests
+    )
+    singles = [
+        exact_filter.pairs_within_threshold(ra, dec, index, 29, dest_order, rows, dest_idx, dests, t)
+        for t in thresholds
+    ]
+    calls = []
+    real = pixel_distance.within_thresholds_of_pixel
+    monkeypatch.setattr(
+        exact_filter, "within_thresholds_of_pixel", lambda *a, **kw: calls.append(len(a[0])) or real(*a, **kw)
+    )
+    several = exact_filter.pairs_within_thresholds(ra, dec, index, 29, dest_order, rows, dest_idx, dests, thresholds)
+    assert several.shape == (len(thresholds), len(rows))
+    for k, single in enumerate(singles):
+        np.testing.assert_array_equal(several[k], single, err_msg=str(thresholds[k]))
+        assert 0 < single.sum() < len(rows)
+    assert 0 < sum(calls) < len(rows)  # cells decided some rows for every threshold, not all
+    # and the row-by-row truth, for the smallest threshold
+    small = min(thresholds)
+    np.testing.assert_array_equal(
+        several[thresholds.index(small)], within_threshold_of_pixel(ra[rows], dec[rows], dest_order, dest_pixel, small)
+    )
+
+
+def test_pairs_within_thresholds_with_several_destinations_and_sparse_rows():
+    source = 1001
+    neighbours = sorted(int(p) for p in cds.neighbours(np.array([source], dtype=np.uint64), 5)[0] if p >= 0 and p != source)
+    ra, dec, index = _dense_rows_beside(5, neighbours[0], source, 300, 600.0, seed=2)
+    dests = geometry.Tiling.from_pixels([5] * len(neighbours), neighbours)
+    assert list(dests.pixels) == neighbours
+    rows = np.repeat(np.arange(len(ra)), len(neighbours))
+    dest_idx = np.tile(np.arange(len(neighbours)), len(ra))
+    by_dest = np.argsort(dest_idx, kind="stable")
+    rows, dest_idx = rows[by_dest], dest_idx[by_dest]
+    thresholds = [600.0, 1800.0, 60.0, 60.0 * (1 + 1e-6)]
+    several = exact_filter.pairs_within_thresholds(ra, dec, index, 29, 5, rows, dest_idx, dests, thresholds)
+    for k, t in enumerate(thresholds):
+        truth = np.concatenate([
+            within_threshold_of_pixel(ra[rows[dest_idx == i]], dec[rows[dest_idx == i]], 5, p, t)
+            for i, p in enumerate(neighbours)
+        ])
+        np.testing.assert_array_equal(several[k], truth)
+    assert several.any(axis=1).all()

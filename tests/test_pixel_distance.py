@@ -26,6 +26,7 @@ from hats_margin.pixel_distance import (
     _Solver,
     distance_to_pixel_arcsec,
     within_threshold_of_pixel,
+    within_thresholds_of_pixel,
 )
 
 LD = np.longdouble
@@ -676,3 +677,121 @@ def test_known_outside_gives_the_same_mask_for_outside_points():
         fast = within_threshold_of_pixel(ra[outside], dec[outside], order, pixel, threshold, known_outside=True)
         np.testing.assert_array_equal(full, fast)
         assert full.any() and not full.all()
+
+
+# ------------------------------------------------------------------------------------------
+# Several thresholds in one pass (within_thresholds_of_pixel)
+# ------------------------------------------------------------------------------------------
+def _thresholds_around(truths, extra=()):
+    """truth * (1 +- 1e-6) for every truth >= 1e-3 arcsec, and ``extra``, in no particular
+    order: the decisions at truth * (1 +- 1e-6) are known, True / False."""
+    near = [t * f for t in truths if t >= 1e-3 for f in (1 + 1e-6, 1 - 1e-6)]
+    return [*near[::-1], *extra]
+
+
+def check_several_thresholds(ra, dec, order, pixel, truths, thresholds, known_outside=False):
+    """within_thresholds_of_pixel: row k equals within_threshold_of_pixel at thresholds[k], and
+    equals the brute-force truth at truth * (1 +- 1e-6)."""
+    ra, dec = np.asarray(ra, dtype=float), np.asarray(dec, dtype=float)
+    several = within_thresholds_of_pixel(ra, dec, order, pixel, thresholds, known_outside=known_outside)
+    assert several.shape == (len(thresholds), ra.size)
+    for k, thr in enumerate(thresholds):
+        single = within_threshold_of_pixel(ra, dec, order, pixel, thr, known_outside=known_outside)
+        np.testing.assert_array_equal(several[k], single, err_msg=f"threshold {thr!r} of {thresholds}")
+    truths = np.asarray(truths)
+    for k, thr in enumerate(thresholds):
+        for i, truth in enumerate(truths):
+            if truth >= 1e-3 and abs(thr / truth - 1) == pytest.approx(1e-6, rel=1e-3):
+                assert several[k, i] == (thr > truth), (ra[i], dec[i], order, pixel, truth, thr)
+    return several
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(pixel_and_points(max_points=4), st.lists(st.floats(-1.0, 6.0), max_size=4))
+def test_several_thresholds_match_single_calls_and_brute_force(case, log_extra):
+    order, pixel, ra, dec = case
+    truths = check_against_brute_force(ra, dec, order, pixel)
+    # thresholds at the points' distances, and a few more across scales (arcsec)
+    check_several_thresholds(ra, dec, order, pixel, truths, _thresholds_around(truths, [10**x for x in log_extra]))
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_several_thresholds_on_adversarial_points(chunk):
+    """Poles, three-face vertices, equator corners, RA 0/360: every case's point against the
+    thresholds at its own distance (+- 1e-6) and at the other points' distances of its pixel."""
+    by_pixel = {}
+    for _, order, pixel, ra, dec in _SPECIAL[chunk::2]:
+        by_pixel.setdefault((order, pixel), []).append((ra, dec))
+    for (order, pixel), points in by_pixel.items():
+        ra, dec = map(np.array, zip(*points))
+        truths = check_against_brute_force(ra, dec, order, pixel)
+        outside = truths > 0
+        check_several_thresholds(ra, dec, order, pixel, truths, _thresholds_around(truths, [0.0, 5.0, 60.0]))
+        if outside.any():
+            check_several_thresholds(ra[outside], dec[outside], order, pixel, truths[outside],
+                                     _thresholds_around(truths[outside]), known_outside=True)
+
+
+@pytest.mark.parametrize(
+    "order,pixel,thresholds",
+    [
+        (2, 100, [60.0, 10.0, 5.0]),
+        (4, 1500, [5.0, 60.0, 10.0, 10.0]),  # any order, a threshold twice
+        (0, 4, [36000.0, 3600.0, 1.0, 0.0, -1.0, np.inf, 180 * 3600.0]),
+        (7, 100000, [10.0, 9.99999, 1e-3]),
+        (1, 0, [600.0, 120.0, 30.0]),  # a north polar pixel touching the pole
+    ],
+)
+def test_several_thresholds_on_many_points_near_the_pixel(order, pixel, thresholds):
+    """Thousands of points within reach of every threshold (the bracket, its refinements and the
+    shared branch and bound all run): each row is the single-threshold mask, and it is the
+    distance test away from the rounding band."""
+    rng = np.random.default_rng(order + pixel)
+    lon, lat = cds.healpix_to_lonlat(np.array([pixel], dtype=np.uint64), order)
+    top = max(t for t in thresholds if np.isfinite(t) and t < 180 * 3600)
+    size = pixel_size_deg(order) + 1.5 * top / 3600
+    pts = [
+        offset_point(float(lon.deg[0]), float(lat.deg[0]), size * rng.uniform(0.3, 1.0), rng.uniform(0, 360))
+        for _ in range(4000)
+    ]
+    ra, dec = map(np.array, zip(*pts))
+    several = within_thresholds_of_pixel(ra, dec, order, pixel, thresholds)
+    d = distance_to_pixel_arcsec(ra, dec, order, pixel)
+    for k, thr in enumerate(thresholds):
+        np.testing.assert_array_equal(several[k], within_threshold_of_pixel(ra, dec, order, pixel, thr), err_msg=str(thr))
+        clear = np.abs(d - thr) > 2 * (ABS_TOL + REL_TOL * min(thr, 1e300))
+        np.testing.assert_array_equal(several[k][clear], (d <= thr)[clear], err_msg=str(thr))
+    finite = [t for t in thresholds if 0 < t < 180 * 3600]
+    assert all(0 < several[k].sum() < len(ra) for k, t in enumerate(thresholds) if t in finite and t >= 1.0)
+
+
+def test_several_thresholds_shapes_and_arguments():
+    assert within_thresholds_of_pixel(12.0, 1.0, 3, 300, [1.0, 3600.0]).shape == (2,)
+    assert within_thresholds_of_pixel([[12.0, 13.0]], [1.0], 3, 300, [1.0]).shape == (1, 1, 2)
+    assert within_thresholds_of_pixel([12.0, 13.0], [1.0, 2.0], 3, 300, []).shape == (0, 2)
+    assert within_thresholds_of_pixel([], [], 3, 300, [5.0, 1.0]).shape == (2, 0)
+    assert not within_thresholds_of_pixel([np.nan], [0.0], 3, 300, [1e9, np.inf]).any()
+    with pytest.raises(ValueError, match="NaN"):
+        within_thresholds_of_pixel([0.0], [0.0], 2, 10, [1.0, float("nan")])
+    with pytest.raises(ValueError):
+        within_thresholds_of_pixel([0.0], [0.0], 2, -1, [1.0])
+
+
+def test_several_thresholds_send_no_more_points_to_the_branch_and_bound_than_one_call_each(monkeypatch):
+    """The shared bracket must not leave more points for the branch and bound than separate calls
+    do (each threshold's own polyline refines the points its threshold leaves open, even when a
+    larger threshold with the same polyline had decided them)."""
+    solved = []
+    real = _Solver.solve
+    monkeypatch.setattr(_Solver, "solve", lambda self, px, *a, **kw: solved.append(len(px)) or real(self, px, *a, **kw))
+    rng = np.random.default_rng(5)
+    order, pixel, thresholds = 3, 300, [60.0, 10.0, 5.0]
+    lon, lat = cds.vertices(np.array([pixel], dtype=np.uint64), order, step=256)
+    k = rng.integers(0, lon.shape[1], 20000)
+    pts = [offset_point(float(lon.deg[0, i]), float(lat.deg[0, i]), rng.uniform(0, 70) / 3600, rng.uniform(0, 360)) for i in k]
+    ra, dec = map(np.array, zip(*pts))
+    singles = [within_threshold_of_pixel(ra, dec, order, pixel, t) for t in thresholds]
+    separate, solved[:] = sum(solved), []
+    several = within_thresholds_of_pixel(ra, dec, order, pixel, thresholds)
+    np.testing.assert_array_equal(several, np.array(singles))
+    assert 0 < sum(solved) <= separate

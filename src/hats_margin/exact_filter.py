@@ -2,7 +2,7 @@
 the threshold. Pure geometry (numpy + cdshealpix through pixel_distance): no I/O, no Dask.
 
 Rows are decided a whole nested cell at a time where the threshold is far from the cell, and
-one by one (``pixel_distance.within_threshold_of_pixel``) near it, when rows are dense enough
+one by one (``pixel_distance.within_thresholds_of_pixel``) near it, when rows are dense enough
 to share cells. Distance to a region is
 1-Lipschitz, so every point of a cell with centre ``c`` and certified radius ``r``
 (``pixel_distance.cell_caps``) is within ``d(c) +- r`` of the destination: cells with
@@ -18,7 +18,7 @@ import itertools
 import numpy as np
 
 from hats_margin.geometry import Tiling, coarse_order_for_threshold
-from hats_margin.pixel_distance import cell_caps, distance_to_pixel_arcsec, within_threshold_of_pixel
+from hats_margin.pixel_distance import cell_caps, distance_to_pixel_arcsec, within_thresholds_of_pixel
 
 ROWS_PER_CELL = 4
 """Decide by cells only when the rows share cells at least this much on average (else the
@@ -45,18 +45,47 @@ def pairs_within_threshold(
     pairs never do), and cells are taken no coarser than ``min_cell_order`` (at least the
     source partition's order, so that every cell lies outside every destination).
     """
-    threshold = float(threshold_arcsec)
-    keep = np.zeros(len(rows), dtype=bool)
+    return pairs_within_thresholds(
+        ra_deg, dec_deg, spatial_index, index_order, min_cell_order, rows, dest_idx, destinations,
+        [threshold_arcsec],
+    )[0]
+
+
+def pairs_within_thresholds(
+    ra_deg: np.ndarray,
+    dec_deg: np.ndarray,
+    spatial_index: np.ndarray,
+    index_order: int,
+    min_cell_order: int,
+    rows: np.ndarray,
+    dest_idx: np.ndarray,
+    destinations: Tiling,
+    thresholds_arcsec,
+) -> np.ndarray:
+    """``pairs_within_threshold`` for several thresholds in one pass: a boolean array of shape
+    ``(len(thresholds_arcsec), len(rows))``, row k the mask for ``thresholds_arcsec[k]``.
+
+    The cells (at the order the largest threshold asks for) and their distances are computed
+    once for every threshold; the rows a cell leaves undecided for some threshold are tested one
+    by one, for all thresholds in one ``within_thresholds_of_pixel`` call per destination (a
+    cell's decision stands for the thresholds it decides). With one threshold this is
+    ``pairs_within_threshold``.
+    """
+    thresholds = np.array(thresholds_arcsec, dtype=np.float64).ravel()
+    keep = np.zeros((thresholds.size, len(rows)), dtype=bool)
+    if thresholds.size == 0:
+        return keep
     spatial_index = np.asarray(spatial_index, dtype=np.int64)
     active = np.arange(len(rows))
     # cells whose radius is about a twentieth of the threshold: nearly all are decided whole
-    order = min(index_order, max(min_cell_order, coarse_order_for_threshold(threshold / 16)))
+    order = min(index_order, max(min_cell_order, coarse_order_for_threshold(float(thresholds.max()) / 16)))
     cells = spatial_index[rows] >> (2 * (index_order - order))
     # unique (destination, cell) pairs (pairs are sorted by destination)
     by_pair = np.lexsort((cells, dest_idx))
     c_sorted, d_sorted = cells[by_pair], dest_idx[by_pair]
     new_pair = np.ones(len(rows), dtype=bool)
     new_pair[1:] = (c_sorted[1:] != c_sorted[:-1]) | (d_sorted[1:] != d_sorted[:-1])
+    cell_decided = None
     if int(new_pair.sum()) * ROWS_PER_CELL <= len(rows):
         group = np.empty(len(rows), dtype=np.int64)
         group[by_pair] = np.cumsum(new_pair) - 1
@@ -71,17 +100,22 @@ def pairs_within_threshold(
         radius = c_radius[cell_of_pair]
         # distance_to_pixel_arcsec is within 1e-9 arcsec + 1e-9 * distance of the truth
         tol = 2e-9 + 2e-9 * (dist + radius)
-        all_in = (dist + radius <= threshold - tol)[group]
-        all_out = (dist - radius > threshold + tol)[group]
-        keep[all_in] = True
-        active = np.flatnonzero(~(all_in | all_out))
+        thr = thresholds[:, None]
+        all_in = (dist + radius <= thr - tol)[:, group]
+        all_out = (dist - radius > thr + tol)[:, group]
+        keep |= all_in
+        cell_decided = all_in | all_out
+        active = np.flatnonzero(~cell_decided.all(axis=0))
     sub_dest = dest_idx[active]
     for lo, hi in _runs(sub_dest):
         dest = int(destinations.orders[sub_dest[lo]]), int(destinations.pixels[sub_dest[lo]])
-        sel = rows[active[lo:hi]]
-        keep[active[lo:hi]] = within_threshold_of_pixel(
-            ra_deg[sel], dec_deg[sel], *dest, threshold, known_outside=True
-        )
+        pairs = active[lo:hi]
+        sel = rows[pairs]
+        within = within_thresholds_of_pixel(ra_deg[sel], dec_deg[sel], *dest, thresholds, known_outside=True)
+        if cell_decided is None:
+            keep[:, pairs] = within
+        else:  # a cell's decision stands for the thresholds it decided
+            keep[:, pairs] = np.where(cell_decided[:, pairs], keep[:, pairs], within)
     return keep
 
 

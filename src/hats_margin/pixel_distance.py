@@ -10,14 +10,18 @@ Public API
     pixel ``pixel`` at ``order``; exactly ``0.0`` for points inside it.
 ``within_threshold_of_pixel(ra_deg, dec_deg, order, pixel, threshold_arcsec) -> bool ndarray``
     ``distance <= threshold_arcsec``.
+``within_thresholds_of_pixel(ra_deg, dec_deg, order, pixel, thresholds_arcsec) -> bool ndarray``
+    The same for several thresholds in one pass (row k for ``thresholds_arcsec[k]``, same
+    guarantee): the several-margin map stage's test.
 ``cell_caps(cells, order) -> (ra_deg, dec_deg, radius_arcsec)``
     Centre of many cells and a certified radius enclosing each whole cell (the whole-cell
     decisions of ``exact_filter`` rest on it).
 
-Both distance functions take ``known_outside=True``: the caller promises no point is in the
+The distance functions take ``known_outside=True``: the caller promises no point is in the
 pixel, and the inside lookup is skipped.
 
-Both broadcast ``ra_deg`` against ``dec_deg`` and return an array of the broadcast shape.
+They broadcast ``ra_deg`` against ``dec_deg`` and return an array of the broadcast shape
+(``within_thresholds_of_pixel``: one such array per threshold, stacked).
 Non-finite coordinates give ``nan`` / ``False``; ``|dec| > 90`` raises ``ValueError``.
 
 Error bound
@@ -99,7 +103,7 @@ import numpy as np
 from hats_margin import healpix
 from hats_margin.geometry import MAX_ORDER, local_xy, unit_vectors
 
-__all__ = ["cell_caps", "distance_to_pixel_arcsec", "within_threshold_of_pixel"]
+__all__ = ["cell_caps", "distance_to_pixel_arcsec", "within_threshold_of_pixel", "within_thresholds_of_pixel"]
 
 ARCSEC_PER_RAD = 648000.0 / np.pi
 
@@ -420,10 +424,12 @@ class _Polyline:
         self.fine = fine
         per_edge = _POLY_COARSE * fine
         t = np.arange(per_edge + 1, dtype=np.float64) / per_edge
+        # every node of every edge evaluated once; both levels' chords join some of them
+        nodes = [c.reshape(4, per_edge + 1) for c in geom.evaluate(np.repeat(np.arange(4), per_edge + 1), np.tile(t, 4))]
         edge = np.repeat(np.arange(4), per_edge)
         t_lo, t_hi = np.tile(t[:-1], 4), np.tile(t[1:], 4)
-        lo = geom.evaluate(edge, t_lo)
-        hi = geom.evaluate(edge, t_hi)
+        lo = [c[:, :-1].ravel() for c in nodes]
+        hi = [c[:, 1:].ravel() for c in nodes]
         d = [b - a for a, b in zip(lo, hi)]
         len2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
         inv = np.where(len2 > 0, 1.0 / np.where(len2 > 0, len2, 1.0), 0.0)
@@ -434,8 +440,8 @@ class _Polyline:
         c_lo_t = np.tile(t[:-1:fine], 4)
         c_hi_t = np.tile(t[fine::fine], 4)
         c_edge = np.repeat(np.arange(4), _POLY_COARSE)
-        lo = geom.evaluate(c_edge, c_lo_t)
-        hi = geom.evaluate(c_edge, c_hi_t)
+        lo = [c[:, :-1:fine].ravel() for c in nodes]
+        hi = [c[:, fine::fine].ravel() for c in nodes]
         d = [b - a for a, b in zip(lo, hi)]
         len2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
         inv = np.where(len2 > 0, 1.0 / np.where(len2 > 0, len2, 1.0), 0.0)
@@ -446,22 +452,35 @@ class _Polyline:
         """(surely_in, surely_out) for points outside the pixel: their chord to the boundary is
         certainly <= ``chord_in`` / certainly > ``chord_out``. Points in neither need the
         branch and bound."""
+        upper, lower = self.bounds(px, py, pz, np.array([chord_in]), np.array([chord_out]))
+        return upper <= chord_in, lower > chord_out
+
+    def bounds(self, px, py, pz, chord_in, chord_out):
+        """(upper, lower) chord bounds from points outside the pixel to its boundary, fine
+        enough to decide them against several thresholds at once.
+
+        ``chord_in`` and ``chord_out`` are arrays (one entry per threshold, largest threshold
+        first). ``upper`` is a certified upper bound of the chord. ``lower`` is a certified
+        lower bound wherever it is <= ``chord_out[0]``; above it, it only certifies
+        ``chord > chord_out[k]`` for every k with ``lower > chord_out[k]`` (the fine level looks only at
+        the pieces that may hold a point nearer than both the best upper bound and
+        ``chord_out[0]``). The fine level runs for the points that no coarse bound decides
+        against every threshold."""
         ax, ay, az, dx, dy, dz, inv, eps = self.coarse_parts
         chord = _segment_chords(px[:, None], py[:, None], pz[:, None], ax, ay, az, dx, dy, dz, inv)
         upper = (chord + eps).min(axis=1)
         low = chord - eps
         lower = low.min(axis=1)
-        surely_in = upper <= chord_in
-        surely_out = lower > chord_out
         if self.fine == 1:
-            return surely_in, surely_out
-        open_ = ~surely_in & ~surely_out
+            return upper, lower
+        decided = (upper[:, None] <= chord_in) | (lower[:, None] > chord_out)
+        open_ = ~decided.all(axis=1)
         # fine level, only on the coarse pieces that may hold a point nearer than both the best
-        # upper bound and the threshold
-        cut = np.minimum(upper, chord_out)[:, None]
+        # upper bound and the largest threshold
+        cut = np.minimum(upper, chord_out[0])[:, None]
         point, piece = np.nonzero((low <= cut) & open_[:, None])
         if point.size == 0:
-            return surely_in, surely_out
+            return upper, lower
         pair_upper = np.empty(point.size)
         pair_lower = np.empty(point.size)
         step = max(1, _CHUNK_ENTRIES // self.fine)
@@ -473,11 +492,9 @@ class _Polyline:
             pair_lower[lo : lo + step] = (chord - feps).min(axis=1)
         starts = np.flatnonzero(np.r_[True, point[1:] != point[:-1]])
         owners = point[starts]
-        upper_f = np.minimum.reduceat(pair_upper, starts)
-        lower_f = np.minimum.reduceat(pair_lower, starts)
-        surely_in[owners] |= upper_f <= chord_in
-        surely_out[owners] |= lower_f > chord_out
-        return surely_in, surely_out
+        upper[owners] = np.minimum(upper[owners], np.minimum.reduceat(pair_upper, starts))
+        lower[owners] = np.maximum(lower[owners], np.minimum.reduceat(pair_lower, starts))
+        return upper, lower
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,6 +545,7 @@ class _Solver:
                     (float(mx[0]) / rm, float(my[0]) / rm, float(theta.min()), float(theta.max()), ends)
                 )
         self.polylines: dict[int, _Polyline] = {}
+        self.max_curvature = float(np.max(geom.curvature_bound(self.c_edge, self.c_lo, self.c_hi)))
         self.c_skip = np.isin(
             self.c_edge, [e for e in range(4) if geom.zone[e] != _ZONE_EQ and geom.a[e] == 0.0]
         )
@@ -536,8 +554,7 @@ class _Solver:
         """The polyline bracket fine enough for threshold ``thr`` (radians): fine allowances
         about ``thr * _POLY_TARGET`` (at most ``_POLY_MAX_FINE`` fine chords per coarse one)."""
         h0 = 1.0 / _POLY_COARSE
-        m_max = float(np.max(self.g.curvature_bound(self.c_edge, self.c_lo, self.c_hi)))
-        want = h0 * np.sqrt(m_max / (8.0 * _POLY_TARGET * max(thr, 1e-300)))
+        want = h0 * np.sqrt(self.max_curvature / (8.0 * _POLY_TARGET * max(thr, 1e-300)))
         fine = 1
         while fine < want and fine < _POLY_MAX_FINE:
             fine *= 2
@@ -576,7 +593,8 @@ class _Solver:
 
         Returns (ub, decided_in): ub (radians) is the distance to an actual boundary point; in
         distance mode (thr None) it is certified within the tolerance of the true distance. In
-        threshold mode ``decided_in`` is the answer ``distance <= thr``.
+        threshold mode ``decided_in`` is the answer ``distance <= thr`` (``thr`` a number or one
+        threshold per point).
         """
         npts = px.shape[0]
         decided_in = np.zeros(npts, dtype=bool)
@@ -825,30 +843,47 @@ def within_threshold_of_pixel(
     of the threshold. ``known_outside=True`` is the caller's promise that no point lies in the
     pixel (e.g. rows of another partition): the inside lookup, a third of the cost, is skipped.
     """
+    thresholds = [float(threshold_arcsec)]
+    return within_thresholds_of_pixel(ra_deg, dec_deg, order, pixel, thresholds, known_outside=known_outside)[0, ...]
+
+
+def within_thresholds_of_pixel(
+    ra_deg, dec_deg, order: int, pixel: int, thresholds_arcsec, *, known_outside: bool = False
+) -> np.ndarray:
+    """``within_threshold_of_pixel`` for several thresholds in one pass: a boolean array of
+    shape ``(len(thresholds_arcsec),) + shape``, row k the mask for ``thresholds_arcsec[k]``
+    (same exactness guarantee for every threshold).
+
+    The points are converted, tested against the cap and (unless ``known_outside``) the pixel
+    once, and bracketed once with the largest threshold's polyline; a smaller threshold's finer
+    polyline and the branch and bound see only the points left undecided for it (see
+    ``_decide``). With one threshold this is ``within_threshold_of_pixel``.
+    """
     order, pixel = _check_pixel(order, pixel)
-    thr_arcsec = float(threshold_arcsec)
-    if np.isnan(thr_arcsec):
+    thr_all = np.array(thresholds_arcsec, dtype=np.float64).ravel()
+    if np.any(np.isnan(thr_all)):
         raise ValueError("threshold_arcsec must not be NaN")
     ra, dec, finite, shape = _prepare_points(ra_deg, dec_deg)
-    out = np.zeros(ra.shape, dtype=bool)
-    if thr_arcsec < 0:
-        return out.reshape(shape)
-    if thr_arcsec * (1.0 / ARCSEC_PER_RAD) >= np.pi:
-        out[finite] = True
-        return out.reshape(shape)
-    thr = thr_arcsec / ARCSEC_PER_RAD
+    out = np.zeros((thr_all.size, ra.size), dtype=bool)
+    everything = thr_all * (1.0 / ARCSEC_PER_RAD) >= np.pi
+    out[np.ix_(everything, finite)] = True
+    # thresholds to compute, largest first (negative ones keep nothing)
+    which = np.flatnonzero((thr_all >= 0) & ~everything)
+    which = which[np.argsort(-thr_all[which], kind="stable")]
     idx_all = np.nonzero(finite)[0]
-    if idx_all.size == 0:
-        return out.reshape(shape)
+    if which.size == 0 or idx_all.size == 0:
+        return out.reshape((thr_all.size, *shape))
+    thr = thr_all[which] / ARCSEC_PER_RAD
     solver = _solver_for(order, pixel)
     cx, cy, cz = solver.center
     # Cap pre-filter on chord lengths to the centre (the centre is in the pixel).
     chord_in = _chord_of(thr) * (1.0 - 1e-12) - 4e-16
     reach = thr + solver.circumradius
-    chord_out = _chord_of(reach) * (1.0 + 1e-12) + 4e-16 if reach < np.pi else np.inf
+    chord_out = np.where(reach < np.pi, _chord_of(reach) * (1.0 + 1e-12) + 4e-16, np.inf)
     # Polyline bracket on the boundary chord itself, then the branch and bound for the rest.
     chord_out_exact = _chord_of(thr) * (1.0 + 1e-12) + 4e-16
-    poly = solver.polyline(thr)
+    polys = [solver.polyline(float(t)) for t in thr]
+    result = out[which]  # (thresholds, points), largest threshold first
     chunk = 4 * _chunk_size()
     for start in range(0, idx_all.size, chunk):
         idx = idx_all[start : start + chunk]
@@ -856,25 +891,59 @@ def within_threshold_of_pixel(
         px, py, pz = unit_vectors(r, d)
         ex, ey, ez = px - cx, py - cy, pz - cz
         chord = np.sqrt(ex * ex + ey * ey + ez * ez)
-        near = chord <= chord_in
-        out[idx[near]] = True
-        todo = np.nonzero(~near & (chord <= chord_out))[0]
+        near = chord <= chord_in[:, None]
+        result[:, idx] |= near
+        pending = ~near & (chord <= chord_out[:, None])  # per threshold: needs the boundary
+        todo = np.nonzero(pending.any(axis=0))[0]
         if todo.size == 0:
             continue
         if not known_outside:
             inside = _inside(r[todo], d[todo], order, pixel)
-            out[idx[todo[inside]]] = True
+            result[:, idx[todo[inside]]] = True
+            pending[:, todo[inside]] = False
             todo = todo[~inside]
         small = _chunk_size()
         for s0 in range(0, todo.size, small):
             sel = todo[s0 : s0 + small]
-            surely_in, surely_out = poly.bracket(px[sel], py[sel], pz[sel], chord_in, chord_out_exact)
-            out[idx[sel[surely_in]]] = True
-            sel = sel[~surely_in & ~surely_out]
-            if sel.size:
-                _, decided = solver.solve(px[sel], py[sel], pz[sel], thr=thr)
-                out[idx[sel[decided]]] = True
-    return out.reshape(shape)
+            _decide(solver, polys, thr, chord_in, chord_out_exact, px[sel], py[sel], pz[sel],
+                    pending[:, sel], result, idx[sel])
+    out[which] = result
+    return out.reshape((thr_all.size, *shape))
+
+
+def _decide(solver, polys, thr, chord_in, chord_out, px, py, pz, pending, result, where):
+    """Decide points outside the pixel against each threshold ``thr`` (radians, largest first)
+    where ``pending`` says so, setting ``result[k, where[i]]`` for those within ``thr[k]``.
+
+    The polyline bracket of the largest threshold bounds every point's chord to the boundary
+    once; a smaller threshold refines, with its own finer polyline, only the points these bounds
+    leave undecided for it (and not bracketed that finely yet), and the branch and bound takes
+    those still undecided. Each
+    refinement's bounds certify the decisions of its threshold and of the smaller ones only
+    (``_Polyline.bounds``), which are the ones decided after it.
+    """
+    upper, lower = polys[0].bounds(px, py, pz, chord_in, chord_out)
+    fine = np.full(px.shape, polys[0].fine)  # the finest polyline each point was bracketed with
+    rest, rest_thr = [], []
+    for k in range(thr.size):
+        open_ = pending[k] & ~(upper <= chord_in[k]) & ~(lower > chord_out[k])
+        coarser = open_ & (fine < polys[k].fine)
+        if np.any(coarser):
+            sub = np.nonzero(coarser)[0]
+            up, low = polys[k].bounds(px[sub], py[sub], pz[sub], chord_in[k:], chord_out[k:])
+            upper[sub] = np.minimum(upper[sub], up)
+            lower[sub] = np.maximum(lower[sub], low)
+            fine[sub] = polys[k].fine
+            open_ = pending[k] & ~(upper <= chord_in[k]) & ~(lower > chord_out[k])
+        result[k, where[pending[k] & (upper <= chord_in[k])]] = True
+        rest.append(np.nonzero(open_)[0])
+        rest_thr.append(np.full(rest[-1].size, thr[k]))
+    # one branch and bound for every (point, threshold) left, each with its own threshold
+    points = np.concatenate(rest)
+    if points.size:
+        _, decided = solver.solve(px[points], py[points], pz[points], thr=np.concatenate(rest_thr))
+        which = np.repeat(np.arange(thr.size), [r.size for r in rest])
+        result[which[decided], where[points[decided]]] = True
 
 
 # --------------------------------------------------------------------------------------------

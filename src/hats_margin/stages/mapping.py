@@ -24,7 +24,7 @@ from upath import UPath
 from hats_margin import geometry
 from hats_margin.checks import check_coordinates
 from hats_margin.errors import InputCatalogError
-from hats_margin.exact_filter import pairs_within_threshold
+from hats_margin.exact_filter import pairs_within_thresholds
 from hats_margin.io import (
     INTERMEDIATE_FORMAT,
     ShardWriters,
@@ -267,6 +267,8 @@ def _select_and_send(task: MapTask, dests, row_group: _RowGroup, path, writers, 
     )
     if len(rows) == 0:
         return no_position
+    # the pairs each margin keeps (one margin unless several thresholds share this read)
+    kept = [np.arange(len(rows))]
     if task.fine_filtering:
         if ra is None:  # read anyway by the exact filter: check the candidates at no extra read
             ra, dec = _radec(task, row_group)
@@ -274,8 +276,12 @@ def _select_and_send(task: MapTask, dests, row_group: _RowGroup, path, writers, 
             row_group.prefetch(task.schema.names)  # decoded while the candidates are tested
         if not task.check_input:
             no_position = _check_coordinates(task, path, first_row, ra, dec, spatial_index, np.unique(rows))
-        rows, dest_idx = _exact_filter(task, dests, ra, dec, spatial_index, rows, dest_idx)
-        if len(rows) == 0:
+        within = pairs_within_thresholds(
+            ra, dec, spatial_index, task.healpix_order, max(task.search_order, task.source[0]),
+            rows, dest_idx, dests, task.margin_thresholds or (task.threshold_arcsec,),
+        )
+        kept = [np.flatnonzero(keep) for keep in within]
+        if not any(len(k) for k in kept):
             return no_position
     table = row_group.table()
     if ra is None:  # coarse mode: the selected rows' ra/dec are in the table just read
@@ -285,24 +291,21 @@ def _select_and_send(task: MapTask, dests, row_group: _RowGroup, path, writers, 
             task, path, first_row, _float_array(picked.column(0)), _float_array(picked.column(1)),
             spatial_index[selected], None, positions=selected,
         )
-    if not task.margin_thresholds:
-        _send(writers, table, dests, rows, dest_idx, ())
-        return no_position
-    # several margins: each smaller threshold keeps a subset of the larger one's rows (nested
-    # filtering, same exact test), in the same order
-    for margin, threshold in enumerate(task.margin_thresholds):
-        if margin:
-            rows, dest_idx = _exact_filter(task, dests, ra, dec, spatial_index, rows, dest_idx, threshold)
-            if len(rows) == 0:
-                return no_position
-        _send(writers, table, dests, rows, dest_idx, (margin,))
+    # one take of every pair any margin keeps, then a take of that (small) table per margin
+    union = kept[0] if len(kept) == 1 else np.flatnonzero(within.any(axis=0))
+    taken = table.take(pa.array(rows[union]))
+    for margin, pairs in enumerate(kept):
+        if len(pairs) == 0:
+            continue
+        part = taken if len(pairs) == len(union) else taken.take(pa.array(np.searchsorted(union, pairs)))
+        prefix = (margin,) if task.margin_thresholds else ()
+        _send(writers, part, dests, dest_idx[pairs], prefix)
     return no_position
 
 
-def _send(writers, table, dests, rows, dest_idx, prefix):
-    """Write ``table``'s ``rows`` to their destinations (sorted by destination): one take, then
-    a zero-copy slice per destination."""
-    selected = table.take(pa.array(rows))
+def _send(writers, selected, dests, dest_idx, prefix):
+    """Write the rows of ``selected`` to their destinations ``dest_idx`` (sorted): a zero-copy
+    slice per destination, keyed by ``prefix + destination``."""
     for lo, hi in _runs(dest_idx):
         dest = (*prefix, int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
         writers.write(dest, selected.slice(lo, hi - lo))
@@ -354,16 +357,6 @@ def _check_rows_in_partition(task: MapTask, path, spatial_index):
             f"(first: {task.healpix_column}={int(spatial_index[wrong[0]])}, which is in order-{order} pixel "
             f"{int(owner[wrong[0]])}); the catalog is mis-partitioned"
         )
-
-
-def _exact_filter(task: MapTask, dests, ra, dec, spatial_index, rows, dest_idx, threshold=None):
-    """Keep the (row, destination) pairs within ``threshold`` (default: the task's) of the destination."""
-    threshold = task.threshold_arcsec if threshold is None else threshold
-    keep = pairs_within_threshold(
-        ra, dec, spatial_index, task.healpix_order, max(task.search_order, task.source[0]),
-        rows, dest_idx, dests, threshold,
-    )
-    return rows[keep], dest_idx[keep]
 
 
 def _runs(sorted_keys: np.ndarray):
