@@ -23,8 +23,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from hats_margin import MarginCacheArguments, geometry
+from hats_margin.exact_filter import pairs_within_thresholds
 from hats_margin.io import leaf_files, open_parquet, read_row_group
-from hats_margin.stages import mapping, planning
+from hats_margin.stages import planning
 
 
 def main(argv=None) -> int:
@@ -50,7 +51,10 @@ def main(argv=None) -> int:
                 rows, dest_idx = geometry.candidate_pairs(index, task.healpix_order, *task.source,
                                                           task.search_order, task.rings, dests)
                 if len(rows):
-                    rows, _ = mapping._exact_filter(task, dests, ra, dec, index, rows, dest_idx)
+                    (keep,) = pairs_within_thresholds(ra, dec, index, task.healpix_order,
+                                                      max(task.search_order, task.source[0]), rows, dest_idx,
+                                                      dests, (task.threshold_arcsec,))
+                    rows = rows[keep]
                 kept = np.unique(rows)
                 n = len(index)
                 groups += 1
