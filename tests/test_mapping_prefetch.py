@@ -1,6 +1,7 @@
 """The map stage decodes a large row group's other columns in a background thread while the exact
-test runs (mapping.PREFETCH_MIN_PAIRS): the margin must be the same, row for row, as without it,
-also when the test then rejects every candidate (the decode is waited for and dropped)."""
+test runs (mapping.PREFETCH_MIN_PAIRS), and a very large one a group of columns at a time
+(mapping.LARGE_ROW_GROUP_BYTES): the margin must be the same, row for row, as without either, also
+when the test then rejects every candidate (the decode is waited for and dropped)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from hats_margin import MarginCacheArguments, pipeline
 from hats_margin.stages import mapping
 
 
-def _build(catalogs, out, threshold):
+def _build(catalogs, out, threshold, **kwargs):
     args = MarginCacheArguments(
         input_catalog_path=catalogs / "small_sky_source_catalog", output_path=out, output_artifact_name="m",
-        margin_threshold=threshold, progress_bar=False,  # one worker: in this process, so patches apply
+        margin_threshold=threshold, progress_bar=False, **kwargs,  # one worker: in this process, so patches apply
     )
     return pipeline(args).catalog_path
 
@@ -64,3 +65,26 @@ def test_a_failing_background_decode_is_reported_when_its_columns_are_needed(cat
     monkeypatch.setattr(mapping._RowGroup, "_decode", broken)
     with pytest.raises(Exception, match="disk gone"):
         _build(catalogs, tmp_path / "out", 10.0)
+
+
+@pytest.mark.parametrize("fine_filtering", [True, False])
+@pytest.mark.parametrize("group_bytes", [1, 20_000])
+def test_decoding_a_few_columns_at_a_time_changes_no_row(catalogs, tmp_path, monkeypatch, fine_filtering,
+                                                          group_bytes):
+    decoded = []
+    decode = mapping._RowGroup._decode
+
+    def recording_decode(self, missing):
+        decoded.append(len(missing))
+        return decode(self, missing)
+
+    whole = _rows(_build(catalogs, tmp_path / "whole", 60.0, fine_filtering=fine_filtering))
+    monkeypatch.setattr(mapping, "SMALL_ROW_GROUP_BYTES", -1)
+    monkeypatch.setattr(mapping, "LARGE_ROW_GROUP_BYTES", -1)  # every row group is large
+    monkeypatch.setattr(mapping, "COLUMN_GROUP_BYTES", group_bytes)  # 1: one column per decode
+    monkeypatch.setattr(mapping, "PREFETCH_MIN_PAIRS", 1)
+    monkeypatch.setattr(mapping._RowGroup, "_decode", recording_decode)
+    grouped = _rows(_build(catalogs, tmp_path / "grouped", 60.0, fine_filtering=fine_filtering))
+    assert grouped == whole
+    if group_bytes == 1:  # one column per decode, but the first read of the index (and ra/dec)
+        assert set(decoded) == ({1, 3} if fine_filtering else {1})

@@ -175,6 +175,15 @@ PREFETCH_MIN_PAIRS = 16
 decoded in a background thread while the exact test runs on the candidates (pyarrow releases the
 GIL): the two overlap, and with this many candidates the decode is nearly always needed."""
 
+LARGE_ROW_GROUP_BYTES = 32 << 20
+"""Above this decoded size a row group's other columns are decoded a group of columns at a time
+(``COLUMN_GROUP_BYTES`` each), keeping only the margin rows of each group: memory holds a few
+columns of the row group, not all of it (a 100k-row group of a 110-column catalog is ~56 MB)."""
+
+COLUMN_GROUP_BYTES = 8 << 20
+"""Decoded bytes of the columns decoded together in a large row group (each call still decodes
+its columns in parallel)."""
+
 _DECODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hats-margin-decode")
 """One decode ahead at most per process: a map task waits for its row group's decode before the
 next row group is read, so memory stays one row group per task."""
@@ -189,17 +198,40 @@ class _RowGroup:
         self.task, self.parquet, self.path, self.group = task, parquet, path, group
         self.columns: dict[str, pa.ChunkedArray] = {}
         self._pending: Future | None = None
-        self.small = parquet.metadata.row_group(group).total_byte_size <= SMALL_ROW_GROUP_BYTES
+        decoded = parquet.metadata.row_group(group).total_byte_size
+        self.small = decoded <= SMALL_ROW_GROUP_BYTES
+        self.large = decoded > LARGE_ROW_GROUP_BYTES
         if self.small:
             self.read(task.schema.names)
+
+    def column_groups(self, names) -> list[list[str]]:
+        """``names`` (top-level columns) in consecutive groups of about ``COLUMN_GROUP_BYTES``
+        decoded bytes each (from the footer's column chunk sizes)."""
+        meta = self.parquet.metadata.row_group(self.group)
+        size: dict[str, int] = {}
+        for i in range(meta.num_columns):
+            chunk = meta.column(i)
+            top = chunk.path_in_schema.split(".", 1)[0]
+            size[top] = size.get(top, 0) + chunk.total_uncompressed_size
+        groups, current, current_bytes = [], [], 0
+        for name in names:
+            if current and current_bytes + size.get(name, 0) > COLUMN_GROUP_BYTES:
+                groups.append(current)
+                current, current_bytes = [], 0
+            current.append(name)
+            current_bytes += size.get(name, 0)
+        return groups + ([current] if current else [])
 
     def _decode(self, missing) -> pa.Table:
         """Decode the named columns (no bookkeeping: may run in the decode thread)."""
         return read_row_group(self.parquet, self.path, self.group, missing, use_threads=not self.small)
 
     def prefetch(self, names):
-        """Start decoding the named columns not read yet in the background (large row groups only)."""
+        """Start decoding the named columns not read yet in the background (not for small row
+        groups; for large ones, only their first group of columns)."""
         missing = [n for n in names if n not in self.columns]
+        if missing and self.large:
+            missing = self.column_groups(missing)[0]
         if missing and not self.small and self._pending is None:
             self._pending = _DECODER.submit(self._decode, missing)
 
@@ -235,6 +267,22 @@ class _RowGroup:
         self.read(self.task.schema.names)
         names = self.task.schema.names
         return conform(pa.table([self.columns[n] for n in names], names=names), self.task.schema)
+
+    def take(self, rows: np.ndarray) -> pa.Table:
+        """The given rows (in that order) with every column of the catalog schema. A large row
+        group is decoded a group of columns at a time, each group dropped once its rows are taken."""
+        if not self.large:
+            return self.table().take(pa.array(rows))
+        self.settle()
+        indices = pa.array(rows)
+        names = self.task.schema.names
+        taken = {name: column.take(indices) for name, column in self.columns.items()}
+        self.columns.clear()  # the taken rows are all that is kept of these columns
+        for group in self.column_groups([n for n in names if n not in taken]):
+            table = self._decode(group)
+            taken.update(zip(table.column_names, (column.take(indices) for column in table.columns)))
+            del table
+        return conform(pa.table([taken[n] for n in names], names=names), self.task.schema)
 
 
 def _map_row_group(task: MapTask, dests, parquet, path, group, writers, first_row: int) -> int:
@@ -283,17 +331,16 @@ def _select_and_send(task: MapTask, dests, row_group: _RowGroup, path, writers, 
         kept = [np.flatnonzero(keep) for keep in within]
         if not any(len(k) for k in kept):
             return no_position
-    table = row_group.table()
-    if ra is None:  # coarse mode: the selected rows' ra/dec are in the table just read
-        selected = np.unique(rows)
-        picked = table.select([task.ra_column, task.dec_column]).take(pa.array(selected))
-        no_position = _check_coordinates(
-            task, path, first_row, _float_array(picked.column(0)), _float_array(picked.column(1)),
-            spatial_index[selected], None, positions=selected,
-        )
     # one take of every pair any margin keeps, then a take of that (small) table per margin
     union = kept[0] if len(kept) == 1 else np.flatnonzero(within.any(axis=0))
-    taken = table.take(pa.array(rows[union]))
+    taken = row_group.take(rows[union])
+    if ra is None:  # coarse mode: check the selected rows' ra/dec, in the rows just taken
+        selected, first = np.unique(rows, return_index=True)
+        no_position = _check_coordinates(
+            task, path, first_row, _float_array(taken.column(task.ra_column).take(pa.array(first))),
+            _float_array(taken.column(task.dec_column).take(pa.array(first))),
+            spatial_index[selected], None, positions=selected,
+        )
     for margin, pairs in enumerate(kept):
         if len(pairs) == 0:
             continue
