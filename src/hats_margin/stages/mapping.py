@@ -257,11 +257,6 @@ class _RowGroup:
             table = self._decode(missing)
             self.columns.update(zip(table.column_names, table.columns))
 
-    def numpy(self, name) -> np.ndarray:
-        """The named column as a numpy array (decoded now if not read yet)."""
-        self.read([name])
-        return self.columns[name].to_numpy()
-
     def table(self) -> pa.Table:
         """Every column of the catalog schema, in its order and types."""
         self.read(self.task.schema.names)
