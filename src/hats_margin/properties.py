@@ -148,6 +148,26 @@ def read_partitions(path: UPath) -> list[tuple[int, int]] | None:
     return sort_breadth_first(pairs)
 
 
+def catalog_partitions(path: UPath, what: str = "") -> list[tuple[int, int]]:
+    """The pixels a catalog lists: its ``partition_info.csv`` read here, else hats (imported
+    only then: ``_metadata``, or hats' own error), whose failure becomes an
+    :class:`InputCatalogError` naming ``what`` (e.g. ``"the primary "``) and ``path``."""
+    pixels = read_partitions(path)
+    if pixels is not None:
+        return pixels
+    import hats
+
+    from hats_margin.errors import InputCatalogError, describe_invalid
+
+    try:
+        loaded = hats.read_hats(path, read_moc=False)
+    except Exception as exc:  # hats raises many types for broken catalogs
+        raise InputCatalogError(
+            f"hats cannot open {what}{path}: {type(exc).__name__}: {describe_invalid(exc)}"
+        ) from exc
+    return [(p.order, p.pixel) for p in loaded.get_healpix_pixels()]
+
+
 def properties_text(values: dict) -> str:
     """The bytes hats writes for a properties dict (keys as in hats.properties, in this order,
     None left out), as text."""

@@ -36,7 +36,7 @@ from hats_margin.io import (
 )
 from hats_margin.pixel import Pixel, margin_key, parse_margin_key
 from hats_margin.prechecks import check_input_directory, check_output_directories, check_path_relations
-from hats_margin.properties import CatalogProperties, read_catalog_properties, read_partitions
+from hats_margin.properties import CatalogProperties, catalog_partitions, read_catalog_properties
 from hats_margin.resume import digest
 from hats_margin.stages.mapping import MapTask
 from hats_margin.stages.reducing import ReduceTask
@@ -181,7 +181,7 @@ def open_input(path) -> InputCatalog:
                 f"{path}: {role}={column!r} does not name a column of the catalog schema; "
                 "a margin needs the primary's ra/dec columns"
             )
-    partitions = tuple(read_partitions(path) or _partitions_by_hats(path))
+    partitions = tuple(catalog_partitions(path))
     neg_orders, neg_pixels = geometry.negative_tree([o for o, _ in partitions], [p for _, p in partitions])
     negative = tuple(zip(neg_orders.tolist(), neg_pixels.tolist()))
     suffix = properties.npix_suffix or ".parquet"
@@ -202,18 +202,6 @@ def open_input(path) -> InputCatalog:
     return InputCatalog(
         path, properties, schema, partitions, negative, healpix_column, healpix_order, suffix, present
     )
-
-
-def _partitions_by_hats(path: UPath) -> list[tuple[int, int]]:
-    """The partitions as hats finds them (no simple partition_info.csv: from _metadata, or hats'
-    own error); hats is imported only here."""
-    import hats
-
-    try:
-        loaded = hats.read_hats(path, read_moc=False)
-    except Exception as exc:  # hats raises many types for broken catalogs
-        raise InputCatalogError(f"hats cannot open {path}: {type(exc).__name__}: {describe_invalid(exc)}") from exc
-    return [(p.order, p.pixel) for p in loaded.get_healpix_pixels()]
 
 
 def check_output_location(args: MarginCacheArguments, input_path: UPath):

@@ -17,6 +17,7 @@ from upath import UPath
 
 from hats_margin import io
 from hats_margin.errors import InputCatalogError
+from hats_margin.properties import catalog_partitions
 from hats_margin.verify.tiles import MAX_ORDER, negative_tree
 
 _LEAF = re.compile(r"^Norder=(\d+)/Dir=(\d+)/Npix=(\d+)([^/]*)(?:/([^/]+))?$")
@@ -142,7 +143,7 @@ class MarginCatalog:
 
     def _named_files(self):
         """Files per pixel from the partition info, for stores that cannot list (HTTP)."""
-        pixels = _partitions(self.path, "margin")
+        pixels = catalog_partitions(self.path, "the margin ")
         suffix = self.properties.get("hats_npix_suffix") or ".parquet"
         for order, pixel in pixels:
             leaf = io.leaf_path(self.path, order, pixel, suffix)
@@ -180,7 +181,7 @@ class PrimaryCatalog:
             raise InputCatalogError(
                 f"primary {path} is a {info.catalog_type!s} catalog, not an object/source catalog"
             )
-        self.partitions = _partitions(path, "primary")
+        self.partitions = catalog_partitions(path, "the primary ")
         self.negative = negative_tree(self.partitions)
         self.schema = io.read_input_schema(path)
         self.ra_column, self.dec_column = info.ra_column, info.dec_column
@@ -226,18 +227,3 @@ def resolve_primary(margin: MarginCatalog, primary_path) -> UPath:
         f"{', '.join(str(c) for c in candidates)}): pass primary_path"
     )
 
-
-def _partitions(path: UPath, role: str) -> list[tuple[int, int]]:
-    """The pixels a catalog's partition info lists (``partition_info.csv``, else hats, imported
-    only then, reads ``_metadata``); :class:`InputCatalogError` naming ``role`` if neither can."""
-    from hats_margin.properties import read_partitions
-
-    pixels = read_partitions(path)
-    if pixels is not None:
-        return pixels
-    import hats
-
-    try:
-        return [(p.order, p.pixel) for p in hats.read_hats(path, read_moc=False).get_healpix_pixels()]
-    except Exception as exc:  # hats raises many types for broken catalogs
-        raise InputCatalogError(f"hats cannot open the {role} {path}: {type(exc).__name__}: {exc}") from exc
