@@ -51,7 +51,7 @@ def make_args(source, root: Path, **kwargs) -> MarginCacheArguments:
 def map_only(client, args, monkeypatch) -> Path:
     """Run the map stage (every reduce task fails); returns the intermediate directory."""
     with monkeypatch.context() as patch:
-        patch.setattr(reducing, "reduce_pixel", lambda task: (_ for _ in ()).throw(RuntimeError("stop")))
+        patch.setattr(reducing, "reduce_pixel", lambda task, *rest: (_ for _ in ()).throw(RuntimeError("stop")))
         with pytest.raises(StageFailedError, match="reducing"):
             pipeline_with_client(args, client)
     return Path(args.tmp_dir) / NAME / "intermediate"
@@ -250,12 +250,12 @@ def test_resume_skips_published_pixels_and_redoes_short_ones(client, copy_catalo
     flag = tmp_path / "failed.txt"
     real = reducing.reduce_pixel
 
-    def half_fail(task):
+    def half_fail(task, *rest):
         if task.pixel[1] % 2:
             with open(flag, "a") as handle:  # Dask may pickle this function by value: report via a file
                 handle.write(f"{task.key}\n")
             raise RuntimeError("simulated reduce failure")
-        return real(task)
+        return real(task, *rest)
 
     with monkeypatch.context() as patch:
         patch.setattr(reducing, "reduce_pixel", half_fail)

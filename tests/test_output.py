@@ -161,11 +161,11 @@ def test_tmp_dir_holds_intermediates_and_is_cleaned(client, catalogs, tmp_path, 
     seen = tmp_path / "seen.txt"
     real = reducing.reduce_pixel
 
-    def spy(task):
+    def spy(task, *rest):
         in_tmp = sum(1 for _ in (tmp / "margin" / "intermediate").rglob("*.arrow"))
         with open(seen, "a") as handle:
             handle.write(f"{in_tmp} {(tmp_path / 'out' / 'margin' / 'intermediate').exists()}\n")
-        return real(task)
+        return real(task, *rest)
 
     monkeypatch.setattr(reducing, "reduce_pixel", spy)
     _, path = build(client, catalogs, tmp_path / "out", tmp_dir=tmp)

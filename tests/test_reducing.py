@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -26,9 +28,10 @@ def make_task(tmp_path, sources, expected_rows) -> ReduceTask:
     )
 
 
-def write_shard(task: ReduceTask, source, rows: int):
+def write_shard(task: ReduceTask, source, rows: int, start: int = 0):
+    """A shard of ``rows`` rows for the task's pixel, spatial index ``start + rows`` down to ``start + 1``."""
     writers = ShardWriters(task.layout.shard(f"{source[0]}_{source[1]}-00000000"), SCHEMA)
-    table = pa.table({"_healpix_29": list(range(rows, 0, -1)), "value": [float(i) for i in range(rows)]},
+    table = pa.table({"_healpix_29": list(range(start + rows, start, -1)), "value": [float(i) for i in range(rows)]},
                      schema=SCHEMA)
     writers.write((*source, *task.pixel), table)
     writers.close()
@@ -64,11 +67,70 @@ def test_a_reduce_short_of_rows_publishes_nothing(tmp_path):
 def test_a_successful_reduce_replaces_the_file_whole(tmp_path):
     task = make_task(tmp_path, [(2, 177), (2, 178)], expected_rows=7)
     write_shard(task, (2, 177), 4)
-    write_shard(task, (2, 178), 3)
+    write_shard(task, (2, 178), 3, start=10)  # sources cover disjoint spatial-index ranges
     publish_earlier_file(task)
     result = reduce_pixel(task)
     assert {k: result[k] for k in ("pixel", "rows")} == {"pixel": list(PIXEL), "rows": 7}
     assert result["footer"] == pq.read_metadata(task.output_file.path), "the footer it returns is the file's"
     table = pq.read_table(task.output_file.path)
-    assert table.num_rows == 7 and table["_healpix_29"].to_pylist() == [1, 2, 3, 4, 1, 2, 3]
+    assert table.num_rows == 7 and table["_healpix_29"].to_pylist() == [1, 2, 3, 4, 11, 12, 13]
     assert sorted(p.name for p in task.output_file.parent.iterdir()) == ["Npix=176.parquet"]
+
+
+def test_a_batch_opens_each_shard_once_and_keeps_failures_apart(tmp_path, monkeypatch):
+    """The reduce tasks of one batch read the same shards: each is opened (its footer parsed) once;
+    a task whose shard is bad fails alone."""
+    from hats_margin import io
+    from hats_margin.stages import reducing
+
+    good = make_task(tmp_path, [(2, 177), (2, 178)], expected_rows=7)
+    write_shard(good, (2, 177), 4)
+    write_shard(good, (2, 178), 3, start=10)
+    same_shards = dataclasses.replace(
+        good, key="2_179", pixel=(2, 179), output_file=output_file(UPath(tmp_path / "catalog"), 2, 179, ".parquet", None)
+    )
+    bad = dataclasses.replace(
+        good, key="2_180", pixel=(2, 180), sources=((2, 181, "2_181-00000000", (0,)),),
+        output_file=output_file(UPath(tmp_path / "catalog"), 2, 180, ".parquet", None),
+    )
+    good.layout.shard("2_181-00000000").write_bytes(b"not an arrow file")
+    opened = []
+    real_open = io.ipc.open_file
+    monkeypatch.setattr(io.ipc, "open_file", lambda source: opened.append(1) or real_open(source))
+    outcome = reducing.reduce_batch([good, bad, same_shards])
+    assert [key for key, (ok, _) in outcome.items() if not ok] == ["2_180"]
+    assert isinstance(outcome["2_180"][1], pa.ArrowInvalid)
+    assert len(opened) == 3, "two good shards opened once for two tasks, plus the bad one"
+    for task in (good, same_shards):
+        assert pq.read_table(task.output_file.path)["_healpix_29"].to_pylist() == [1, 2, 3, 4, 11, 12, 13]
+    assert not bad.output_file.exists()
+
+
+def test_shard_readers_close_the_least_recently_used_over_the_limit(tmp_path):
+    from hats_margin.io import ShardReaders
+
+    task = make_task(tmp_path, [], expected_rows=0)
+    for pixel in (1, 2, 3):
+        write_shard(task, (2, pixel), pixel)
+    with ShardReaders(limit=2) as readers:
+        for pixel in (1, 2, 1, 3, 2, 1):
+            assert readers.read(task.layout, f"2_{pixel}-00000000", [0]).num_rows == pixel
+            assert len(readers._open) <= 2
+        assert [batch for _, batch in readers._open] == ["2_2-00000000", "2_1-00000000"]
+    assert not readers._open
+
+
+def test_small_sources_sorted_in_groups_give_the_same_file(tmp_path, monkeypatch):
+    """Consecutive sources are sorted together up to SORT_GROUP_BYTES: one sort per small margin,
+    the same file as one sort per source."""
+    from hats_margin.stages import reducing
+
+    task = make_task(tmp_path, [(2, 177), (2, 178), (2, 179)], expected_rows=9)
+    for i, source in enumerate([(2, 177), (2, 178), (2, 179)]):
+        write_shard(task, source, 3, start=10 * i)
+    reduce_pixel(task)
+    together = pq.read_table(task.output_file.path)
+    monkeypatch.setattr(reducing, "SORT_GROUP_BYTES", 1)  # every source alone
+    reduce_pixel(task)
+    assert pq.read_table(task.output_file.path).equals(together)
+    assert together["_healpix_29"].to_pylist() == [1, 2, 3, 11, 12, 13, 21, 22, 23]

@@ -72,7 +72,7 @@ def intermediate(root) -> Path:
 def fail_in_reducing(client, args, monkeypatch):
     """Run until every map task is done, then fail every reduce task."""
 
-    def broken(task):
+    def broken(task, *rest):
         raise RuntimeError("simulated reduce failure")
 
     with monkeypatch.context() as patch:

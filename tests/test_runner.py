@@ -78,3 +78,23 @@ def test_a_batch_function_gets_whole_batches_and_reports_per_task(client, monkey
         runner.run_stage(client, "Mapping", echo_batch, [Task("a"), Task("bad"), Task("c")], progress_bar=False,
                          batched=True)
     assert list(info.value.failures) == ["bad"]
+
+
+def test_weighted_batches_keep_neighbours_together_and_go_heaviest_first(client, monkeypatch):
+    """Reduce tasks come in spatial order (neighbours share shards): batches stay runs of
+    consecutive tasks, submitted by total weight, heaviest first."""
+    monkeypatch.setattr(runner, "batch_size", lambda n_tasks, threads: 3)
+    submitted = []
+    real = client.submit
+
+    def spy(func, batch, **kwargs):
+        submitted.append([t.key for t in batch])
+        return real(func, batch, **kwargs)
+
+    monkeypatch.setattr(client, "submit", spy)
+    weights = {"t0": 1, "t1": 1, "t2": 1, "t3": 50, "t4": 1, "t5": 1, "t6": 9, "t7": 9}
+    tasks = [Task(key) for key in weights]
+    results = runner.run_stage(client, "Reducing", echo_batch, tasks, progress_bar=False, batched=True,
+                               weight=lambda task: weights[task.key])
+    assert results == {t.key: t.key.upper() for t in tasks}
+    assert submitted == [["t3", "t4", "t5"], ["t6", "t7"], ["t0", "t1", "t2"]]

@@ -73,10 +73,10 @@ def record_shards_while_reducing(monkeypatch, log, count_shards):
     pickles the task function: a list in its closure would be a copy)."""
     real = reducing.reduce_pixel
 
-    def spy(task):
+    def spy(task, *rest):
         with open(log, "a") as handle:
             handle.write(f"{count_shards()}\n")
-        return real(task)
+        return real(task, *rest)
 
     monkeypatch.setattr(reducing, "reduce_pixel", spy)
 
@@ -204,7 +204,7 @@ def test_overwrite_on_s3_keeps_the_old_catalog_until_the_new_one_is_complete(cli
     fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True)
     old = {path: fs.cat_file(path) for path in fs.find(f"{BUCKET}/replaced/margin")}
 
-    def broken(task):
+    def broken(task, *rest):
         raise RuntimeError("simulated reduce failure")
 
     with monkeypatch.context() as patch:

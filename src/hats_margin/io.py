@@ -647,14 +647,69 @@ class SourceShard:
 
 def read_shard(path: UPath, batches) -> pa.Table:
     """The given record batches of a batch's shard, as one table (reads only those batches)."""
-    location, fs = arrow_location(path)
-    if fs is None:
-        with pa.memory_map(location) as source:
-            reader = ipc.open_file(source)
-            return pa.Table.from_batches([reader.get_batch(i) for i in batches], schema=reader.schema)
-    with fs.open(location, "rb") as source:
-        reader = ipc.open_file(source)
+    with ShardReaders() as readers:
+        return readers.read_file(path, batches)
+
+
+class ShardReaders:
+    """The shards one batch of reduce tasks reads, each opened once while the batch runs.
+
+    Opening a shard parses its footer, which lists every record batch of its batch of map tasks
+    (hundreds): that cost as much as reading a small margin's rows, and the reduce tasks of one
+    batch (neighbouring pixels, or the margins of one pixel) read the same few shards again and
+    again. Shards are read, not memory-mapped, so memory holds only the record batches in use; at
+    most ``limit`` stay open (least recently used closed first), and ``close`` releases them all.
+    """
+
+    def __init__(self, limit: int = 64):
+        """Nothing opened yet; ``limit``: most shards kept open at once."""
+        self.limit = limit
+        self._open: dict[tuple[str, str], tuple[object, ipc.RecordBatchFileReader]] = {}
+
+    def read(self, layout: TempLayout, batch: str, batches) -> pa.Table:
+        """The record batches ``batches`` of the shard of ``batch`` (in ``layout``), as one table."""
+        key = (str(layout.base), batch)
+        if key in self._open:
+            self._open[key] = self._open.pop(key)  # most recently used last
+        else:
+            self._open[key] = self._open_reader(layout.shard(batch))
+        return self._table(self._open[key][1], batches)
+
+    def read_file(self, path: UPath, batches) -> pa.Table:
+        """The record batches ``batches`` of the shard at ``path`` (not kept open)."""
+        source, reader = self._open_reader(path, keep=False)
+        try:
+            return self._table(reader, batches)
+        finally:
+            source.close()
+
+    def _open_reader(self, path: UPath, keep: bool = True):
+        """(file, IPC reader) of the shard at ``path``; closes the least recently used over the limit."""
+        if keep:
+            while len(self._open) >= self.limit:
+                self._open.pop(next(iter(self._open)))[0].close()
+        location, fs = arrow_location(path)
+        source = pa.OSFile(location, "rb") if fs is None else fs.open(location, "rb")
+        try:
+            return source, ipc.open_file(source)
+        except BaseException:
+            source.close()
+            raise
+
+    @staticmethod
+    def _table(reader, batches) -> pa.Table:
         return pa.Table.from_batches([reader.get_batch(i) for i in batches], schema=reader.schema)
+
+    def close(self):
+        """Close every shard still open."""
+        while self._open:
+            self._open.popitem()[1][0].close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def margin_write_kwargs(schema: pa.Schema, spatial_index_column: str, user_kwargs: dict | None) -> dict:
@@ -728,24 +783,29 @@ def hats_write_kwargs(schema: pa.Schema, kwargs: dict) -> dict:
     return options | kwargs
 
 
+SMALL_FILE_BYTES = 8 << 20
+"""Rows (Arrow bytes) a margin file holds in memory before it is opened: a smaller file is encoded
+in memory and written in one call (most margin files are small: creating the file and writing it
+page by page cost more than encoding it)."""
+
+
 class MarginFileWriter:
-    """Streams sorted shards into one margin parquet file, in row groups of row_group_size."""
+    """Streams sorted shards into one margin parquet file, in row groups of row_group_size.
+
+    A file of fewer rows than a row group and fewer than ``SMALL_FILE_BYTES`` is encoded in memory
+    at ``close`` and written in one call; a larger one is opened as soon as it outgrows that and
+    written row group by row group. The bytes are the same either way."""
 
     def __init__(self, path: UPath, schema: pa.Schema, write_kwargs: dict):
-        """Open a parquet writer at ``path`` (creating its directory); ``write_kwargs`` go to
-        :class:`pyarrow.parquet.ParquetWriter`, except ``row_group_size`` (rows, default 100,000).
-        """
+        """A writer for ``path`` (its directory is created when the file is written);
+        ``write_kwargs`` go to :class:`pyarrow.parquet.ParquetWriter`, except ``row_group_size``
+        (rows, default 100,000)."""
         kwargs = dict(write_kwargs)
         self.row_group_size = int(kwargs.pop("row_group_size", 100_000))
-        self.path, self.schema = path, schema
-        location, fs = arrow_location(path)
-        if fs is None:
-            Path(location).parent.mkdir(parents=True, exist_ok=True)
-        else:
-            fs.makedirs(fs._parent(location), exist_ok=True)
-        self._writer = pq.ParquetWriter(location, schema, filesystem=fs, **kwargs)
+        self.path, self.schema, self._kwargs = path, schema, kwargs
+        self._writer: pq.ParquetWriter | None = None
         self._pending: list[pa.Table] = []
-        self._pending_rows = 0
+        self._pending_rows = self._pending_bytes = 0
         self.rows = 0
         self.metadata: pq.FileMetaData | None = None
         """The file's footer, once closed (what ``read_footer`` would read back)."""
@@ -754,20 +814,47 @@ class MarginFileWriter:
         """Append ``table``'s rows, writing every full row group; ``rows`` counts all rows given."""
         self._pending.append(table)
         self._pending_rows += table.num_rows
+        self._pending_bytes += table.get_total_buffer_size()  # a bound on nbytes, 30x cheaper
+        self.rows += table.num_rows
+        if self._writer is None:
+            if self._pending_rows < self.row_group_size and self._pending_bytes < SMALL_FILE_BYTES:
+                return
+            self._writer = self._open(*arrow_location(self.path))
         while self._pending_rows >= self.row_group_size:
             merged = pa.concat_tables(self._pending)
             self._writer.write_table(merged.slice(0, self.row_group_size), row_group_size=self.row_group_size)
             rest = merged.slice(self.row_group_size)
             self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
-        self.rows += table.num_rows
+
+    def _open(self, location: str, fs) -> pq.ParquetWriter:
+        """The parquet writer of the file at ``location`` (on ``fs``; None: local), its directory created."""
+        _make_parent(location, fs)
+        return pq.ParquetWriter(location, self.schema, filesystem=fs, **self._kwargs)
 
     def close(self):
-        """Write the last, partial row group and close the file."""
+        """Write the last, partial row group (a small file: all of it, in one write) and close the file."""
+        writer = self._writer
+        if writer is None:
+            sink = pa.BufferOutputStream()
+            writer = pq.ParquetWriter(sink, self.schema, **self._kwargs)
         if self._pending_rows:
-            self._writer.write_table(pa.concat_tables(self._pending), row_group_size=self.row_group_size)
+            writer.write_table(pa.concat_tables(self._pending), row_group_size=self.row_group_size)
         self._pending = []
-        self._writer.close()
-        self.metadata = self._writer.writer.metadata
+        writer.close()
+        self.metadata = writer.writer.metadata
+        if self._writer is None:
+            location, fs = arrow_location(self.path)
+            _make_parent(location, fs)
+            with open(location, "wb") if fs is None else fs.open(location, "wb") as handle:
+                handle.write(sink.getvalue())
+
+
+def _make_parent(location: str, fs):
+    """Create the directory of ``location`` (on ``fs``; None: local) if missing."""
+    if fs is None:
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+    else:
+        fs.makedirs(fs._parent(location), exist_ok=True)
 
 
 def temporary_sibling(path: UPath) -> UPath:

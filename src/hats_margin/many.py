@@ -136,10 +136,11 @@ def _execute_many(
                         skipped += 1
                     else:
                         todo.append(task)
-            todo.sort(key=lambda t: -t.expected_rows)
+            # the margins of one pixel side by side: one batch reads their shared shards once
+            todo.sort(key=lambda t: planning.spatial_order(t.pixel))
             reduced = runner.run_stage(
-                client, "Reducing", reducing.reduce_pixel, todo,
-                progress_bar=args.progress_bar, skipped=skipped, resume_hint=hint,
+                client, "Reducing", reducing.reduce_batch, todo, progress_bar=args.progress_bar,
+                skipped=skipped, resume_hint=hint, batched=True, weight=reducing.weight,
             )
         ranked = sorted(todo_margins, key=lambda p: -p.plan.margin_index)  # the largest threshold last
         with clock("finishing"), runner.progress("Finishing", 2 * len(ranked), args.progress_bar) as bar:

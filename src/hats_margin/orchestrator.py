@@ -237,8 +237,8 @@ def _execute(prepared: _Prepared, client: Client, clock: runner.StageClock) -> M
         done = start.done_reduces(reduce_tasks)
         todo = [t for t in reduce_tasks if t.key not in done]
         reduced = runner.run_stage(
-            client, "Reducing", reducing.reduce_pixel, todo,
-            progress_bar=args.progress_bar, skipped=len(reduce_tasks) - len(todo), resume_hint=hint,
+            client, "Reducing", reducing.reduce_batch, todo, progress_bar=args.progress_bar,
+            skipped=len(reduce_tasks) - len(todo), resume_hint=hint, batched=True, weight=reducing.weight,
         )
     with clock("finishing"), runner.progress("Finishing", 2, args.progress_bar) as bar:
         try:

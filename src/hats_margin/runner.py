@@ -71,14 +71,17 @@ def run_stage(
     skipped: int = 0,
     resume_hint: str = "",
     batched: bool = False,
+    weight: Callable | None = None,
 ) -> dict[str, object]:
     """Run ``func(task)`` for every task on the cluster. Returns ``{task.key: result}``.
 
     Small tasks are sent in batches (see ``batch_size``) so that Dask's per-task cost does not
     dominate catalogs of many small partitions; results and failures stay per task. With
     ``batched``, ``func`` takes a whole batch (a list of tasks) and returns ``{task.key: (ok,
-    result or exception)}`` for each, as ``_run_batch`` does (the map stage writes one shard and
-    one marker per batch).
+    result or exception)}`` for each, as ``run_each`` does (the map stage writes one shard and
+    one marker per batch). With ``weight`` (a task's expected cost), batches of consecutive tasks
+    are sent heaviest first: tasks that share inputs stay together (the reduce tasks of
+    neighbouring pixels read the same shards) and the largest work still starts first.
     """
     from distributed import as_completed
 
@@ -89,7 +92,9 @@ def run_stage(
     token = uuid.uuid4().hex[:8]
     size = batch_size(len(tasks), _total_threads(client))
     batches = [list(tasks[i : i + size]) for i in range(0, len(tasks), size)]
-    call = (func,) if batched else (_run_batch, func)
+    if weight is not None:
+        batches.sort(key=lambda batch: -sum(weight(task) for task in batch))
+    call = (func,) if batched else (run_each, func)
     with progress(stage, len(tasks), progress_bar, skipped) as bar:
         futures = {
             client.submit(
@@ -156,7 +161,7 @@ def _total_threads(client: Client) -> int:
         return 1
 
 
-def _run_batch(func: Callable, tasks: list) -> dict[str, tuple[bool, object]]:
+def run_each(func: Callable, tasks: list) -> dict[str, tuple[bool, object]]:
     """Run tasks one after another on a worker; each task's failure is kept apart."""
     outcome = {}
     for task in tasks:

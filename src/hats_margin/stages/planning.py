@@ -397,7 +397,8 @@ def make_reduce_tasks(plan: Plan, map_results: dict[str, dict]) -> list[ReduceTa
     (several margins: only this plan's, read from the shared shards).
 
     Each task's sources are sorted by spatial-index range, so its file comes out sorted; the
-    tasks are returned largest first.
+    tasks are returned in spatial-index order of their pixels (neighbours read the same shards:
+    ``runner.run_stage`` keeps them in one batch and sends the batches largest first).
     """
     args, catalog = plan.args, plan.catalog
     sources: dict[Pixel, list[tuple[int, int, str, tuple[int, ...], int]]] = {}
@@ -414,7 +415,7 @@ def make_reduce_tasks(plan: Plan, map_results: dict[str, dict]) -> list[ReduceTa
     write_kwargs = margin_write_kwargs(catalog.schema, catalog.healpix_column, args.write_table_kwargs)
     tasks = []
     for dest, items in sources.items():
-        items.sort(key=lambda s: s[1] << (2 * (geometry.MAX_ORDER - s[0])))
+        items.sort(key=lambda s: spatial_order(s[:2]))
         tasks.append(
             ReduceTask(
                 key=margin_key(dest, plan.margin_index),
@@ -429,5 +430,10 @@ def make_reduce_tasks(plan: Plan, map_results: dict[str, dict]) -> list[ReduceTa
                 shard_layout=plan.shard_layout,
             )
         )
-    tasks.sort(key=lambda t: -t.expected_rows)
+    tasks.sort(key=lambda t: spatial_order(t.pixel))
     return tasks
+
+
+def spatial_order(pixel: Pixel) -> int:
+    """Where a pixel starts in spatial-index order (its first descendant at the deepest order)."""
+    return int(pixel[1]) << (2 * (geometry.MAX_ORDER - int(pixel[0])))
