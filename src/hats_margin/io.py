@@ -94,13 +94,13 @@ def dir_number(pixel: int) -> int:
 
 def pixel_dir(catalog: UPath, order: int, pixel: int) -> UPath:
     """The ``dataset/Norder=K/Dir=D`` directory of a pixel (``dir_number``: the pixel rounded down to 10,000)."""
-    return catalog / "dataset" / f"Norder={order}" / f"Dir={dir_number(pixel)}"
+    return catalog / f"dataset/Norder={order}/Dir={dir_number(pixel)}"  # one join: ~40 us each
 
 
 def leaf_path(catalog: UPath, order: int, pixel: int, npix_suffix: str) -> UPath:
     """Path of a partition leaf: ``Npix=N<suffix>`` file, or ``Npix=N`` directory when suffix is '/'."""
     suffix = "" if npix_suffix in ("/", "\\") else npix_suffix
-    return pixel_dir(catalog, order, pixel) / f"Npix={pixel}{suffix}"
+    return catalog / f"dataset/Norder={order}/Dir={dir_number(pixel)}/Npix={pixel}{suffix}"  # one join
 
 
 def output_file(catalog: UPath, order: int, pixel: int, npix_suffix: str, npix_parquet_name: str | None) -> UPath:

@@ -96,6 +96,7 @@ at order 5 unless noted). Reproduce the first figure with::
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -762,17 +763,22 @@ def _check_pixel(order, pixel):
 
 
 _GEOMETRY_CACHE: dict = {}
+_GEOMETRY_CACHE_SIZE = 1024
+_GEOMETRY_LOCK = threading.Lock()
 
 
 def _solver_for(order: int, pixel: int) -> _Solver:
-    """The cached solver of a pixel (the cache is emptied beyond 256 pixels)."""
+    """The cached solver of a pixel (the least recently used of 1,024 goes first: a map worker
+    meets each destination from each of its neighbours, which come soon after one another)."""
     key = (order, pixel)
-    solver = _GEOMETRY_CACHE.get(key)
+    with _GEOMETRY_LOCK:  # worker threads share the cache
+        solver = _GEOMETRY_CACHE.pop(key, None)
     if solver is None:
-        if len(_GEOMETRY_CACHE) > 1024:  # a map worker meets each destination many times
-            _GEOMETRY_CACHE.clear()
         solver = _Solver(_PixelGeometry(order, pixel))
-        _GEOMETRY_CACHE[key] = solver
+    with _GEOMETRY_LOCK:
+        while len(_GEOMETRY_CACHE) >= _GEOMETRY_CACHE_SIZE:
+            del _GEOMETRY_CACHE[next(iter(_GEOMETRY_CACHE))]
+        _GEOMETRY_CACHE[key] = solver  # most recently used last
     return solver
 
 
