@@ -21,7 +21,9 @@ package. Points (``:N`` = at the N-th occurrence); the map/reduce points need ``
                           done marker
     map-marker:N          after the N-th done marker of a batch of map tasks (one Dask task;
                           with 14 tasks on 2 threads a batch is one map task, on 1 thread three)
-    reduce-write:N        after the N-th write into a margin file (a partial parquet file)
+    reduce-write:N        after the N-th write into a margin file (a partial parquet file; the
+                          streaming writer, which small files otherwise skip)
+    reduce-close:N        after the N-th margin file is written whole, before it is published
     reduce-publish:N      after the N-th margin file is renamed into place (a reduce task's
                           done marker: no marker file per margin pixel)
     after-metadata        finishing: _metadata and _common_metadata written
@@ -92,8 +94,11 @@ def install(point: str, action=None):
         after(io.ShardWriters, "close", nth, action)
     elif name == "map-marker":
         after(mapping, "write_json", nth, action)
-    elif name == "reduce-write":
+    elif name == "reduce-write":  # a margin file open and being written (the streaming writer)
+        io.SMALL_FILE_BYTES = 0  # else small files are written whole at close
         after(io.MarginFileWriter, "write", nth, action)
+    elif name == "reduce-close":  # a small margin file written whole, not yet published
+        after(io.MarginFileWriter, "close", nth, action)
     elif name == "reduce-publish":
         after(reducing, "publish", nth, action)
     elif name == "after-metadata":

@@ -154,6 +154,7 @@ EXACT_POINTS = [
     ("map-marker:13", "mapping"),
     ("map-marker:14", "mapping"),
     ("reduce-write:1", "reducing"),
+    ("reduce-close:1", "reducing"),
     ("reduce-publish:1", "reducing"),
     ("reduce-publish:12", "reducing"),
     ("after-metadata", "finishing"),
