@@ -92,34 +92,31 @@ def dir_number(pixel: int) -> int:
     return (int(pixel) // 10000) * 10000
 
 
-def pixel_dir(catalog: UPath, order: int, pixel: int) -> UPath:
-    """The ``dataset/Norder=K/Dir=D`` directory of a pixel (``dir_number``: the pixel rounded down to 10,000)."""
-    return catalog / f"dataset/Norder={order}/Dir={dir_number(pixel)}"  # one join: ~40 us each
-
-
 def leaf_path(catalog: UPath, order: int, pixel: int, npix_suffix: str) -> UPath:
     """Path of a partition leaf: ``Npix=N<suffix>`` file, or ``Npix=N`` directory when suffix is '/'."""
     suffix = "" if npix_suffix in ("/", "\\") else npix_suffix
-    return catalog / f"dataset/Norder={order}/Dir={dir_number(pixel)}/Npix={pixel}{suffix}"  # one join
+    return catalog / f"dataset/{_relative_leaf(order, pixel)}{suffix}"  # one join: ~40 us each
 
 
 def output_file(catalog: UPath, order: int, pixel: int, npix_suffix: str, npix_parquet_name: str | None) -> UPath:
     """The margin parquet file of a pixel: the leaf itself, or for a directory suffix ('/')
     a file inside it named ``npix_parquet_name`` (default ``Npix=N.parquet``).
     """
-    leaf = leaf_path(catalog, order, pixel, npix_suffix)
-    if npix_suffix in ("/", "\\"):
-        return leaf / (npix_parquet_name or f"Npix={pixel}.parquet")
-    return leaf
+    return catalog / f"dataset/{relative_file(order, pixel, npix_suffix, npix_parquet_name)}"
 
 
 def relative_file(order: int, pixel: int, npix_suffix: str, npix_parquet_name: str | None) -> str:
     """``output_file`` below ``dataset/``, '/'-separated, built without path joins (a UPath join
     costs ~40 us: finishing a catalog of 10,000 margin files needs no 40,000 of them)."""
-    leaf = f"Norder={order}/Dir={(pixel // 10000) * 10000}/Npix={pixel}"
+    leaf = _relative_leaf(order, pixel)
     if npix_suffix in ("/", "\\"):
         return f"{leaf}/{npix_parquet_name or f'Npix={pixel}.parquet'}"
     return leaf + npix_suffix
+
+
+def _relative_leaf(order: int, pixel: int) -> str:
+    """``Norder=K/Dir=D/Npix=N`` (no suffix): a leaf below ``dataset/``."""
+    return f"Norder={order}/Dir={dir_number(pixel)}/Npix={pixel}"
 
 
 def lists_partitions(path: UPath) -> bool:
@@ -647,8 +644,27 @@ class SourceShard:
 
 def read_shard(path: UPath, batches) -> pa.Table:
     """The given record batches of a batch's shard, as one table (reads only those batches)."""
-    with ShardReaders() as readers:
-        return readers.read_file(path, batches)
+    source, reader = _open_shard(path)
+    try:
+        return _batches_of(reader, batches)
+    finally:
+        source.close()
+
+
+def _open_shard(path: UPath):
+    """(file, IPC reader) of the shard at ``path`` (read, not memory-mapped)."""
+    location, fs = arrow_location(path)
+    source = pa.OSFile(location, "rb") if fs is None else fs.open(location, "rb")
+    try:
+        return source, ipc.open_file(source)
+    except BaseException:
+        source.close()
+        raise
+
+
+def _batches_of(reader: ipc.RecordBatchFileReader, batches) -> pa.Table:
+    """The record batches ``batches`` of an open shard, as one table."""
+    return pa.Table.from_batches([reader.get_batch(i) for i in batches], schema=reader.schema)
 
 
 class ShardReaders:
@@ -672,33 +688,10 @@ class ShardReaders:
         if key in self._open:
             self._open[key] = self._open.pop(key)  # most recently used last
         else:
-            self._open[key] = self._open_reader(layout.shard(batch))
-        return self._table(self._open[key][1], batches)
-
-    def read_file(self, path: UPath, batches) -> pa.Table:
-        """The record batches ``batches`` of the shard at ``path`` (not kept open)."""
-        source, reader = self._open_reader(path, keep=False)
-        try:
-            return self._table(reader, batches)
-        finally:
-            source.close()
-
-    def _open_reader(self, path: UPath, keep: bool = True):
-        """(file, IPC reader) of the shard at ``path``; closes the least recently used over the limit."""
-        if keep:
-            while len(self._open) >= self.limit:
+            while len(self._open) >= self.limit:  # close the least recently used
                 self._open.pop(next(iter(self._open)))[0].close()
-        location, fs = arrow_location(path)
-        source = pa.OSFile(location, "rb") if fs is None else fs.open(location, "rb")
-        try:
-            return source, ipc.open_file(source)
-        except BaseException:
-            source.close()
-            raise
-
-    @staticmethod
-    def _table(reader, batches) -> pa.Table:
-        return pa.Table.from_batches([reader.get_batch(i) for i in batches], schema=reader.schema)
+            self._open[key] = _open_shard(layout.shard(batch))
+        return _batches_of(self._open[key][1], batches)
 
     def close(self):
         """Close every shard still open."""
