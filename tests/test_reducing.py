@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -134,3 +136,102 @@ def test_small_sources_sorted_in_groups_give_the_same_file(tmp_path, monkeypatch
     reduce_pixel(task)
     assert pq.read_table(task.output_file.path).equals(together)
     assert together["_healpix_29"].to_pylist() == [1, 2, 3, 11, 12, 13, 21, 22, 23]
+
+
+def _tasks_of_one_batch(tmp_path, n: int) -> list[ReduceTask]:
+    """``n`` reduce tasks (pixels 2/176+i) reading one shard each, 4 rows per task (a small file)."""
+    base = dataclasses.replace(make_task(tmp_path, [], expected_rows=4), write_kwargs={})
+    tasks = []
+    for i in range(n):
+        pixel = (2, 176 + i)
+        task = dataclasses.replace(
+            base, key=f"2_{pixel[1]}", pixel=pixel, sources=((2, 100 + i, f"2_{100 + i}-00000000", (0,)),),
+            output_file=output_file(UPath(tmp_path / "catalog"), *pixel, ".parquet", None),
+        )
+        writers = ShardWriters(task.layout.shard(f"2_{100 + i}-00000000"), SCHEMA)
+        writers.write((2, 100 + i, *pixel), pa.table({"_healpix_29": [4, 3, 2, 1], "value": [0.0] * 4}, schema=SCHEMA))
+        writers.close()
+        tasks.append(task)
+    return tasks
+
+
+def test_small_files_written_behind_keep_each_task_outcome_apart(tmp_path, monkeypatch):
+    """Small files are encoded and published in the batch's write threads: a task failing there (its
+    row count is wrong) fails alone, names its pixel and leaves no temporary file; the others are
+    published, sorted, by the time the batch returns."""
+    from hats_margin.stages import reducing
+
+    tasks = _tasks_of_one_batch(tmp_path, 6)
+    tasks[2] = dataclasses.replace(tasks[2], expected_rows=5)
+    in_thread = []
+    real_close = reducing.MarginFileWriter.close
+
+    def close(self):
+        in_thread.append(threading.current_thread().name)
+        return real_close(self)
+
+    monkeypatch.setattr(reducing.MarginFileWriter, "close", close)
+    outcome = reducing.reduce_batch(tasks)
+    assert list(outcome) == [t.key for t in tasks]
+    assert [ok for ok, _ in outcome.values()] == [True, True, False, True, True, True]
+    error = outcome[tasks[2].key][1]
+    assert "wrote 4 rows, the map stage sent 5" in str(error)
+    assert any("Norder=2/Npix=178" in note for note in error.__notes__)
+    assert all(name.startswith("hats-margin-write") for name in in_thread), in_thread
+    for i, task in enumerate(tasks):
+        siblings = sorted(p.name for p in task.output_file.parent.iterdir())
+        assert not [n for n in siblings if n.startswith(".")], siblings
+        if i == 2:
+            assert not task.output_file.exists()
+        else:
+            assert pq.read_table(task.output_file.path)["_healpix_29"].to_pylist() == [1, 2, 3, 4]
+            assert outcome[task.key][1]["footer"] == pq.read_metadata(task.output_file.path)
+
+
+def test_small_files_waiting_to_be_written_are_bounded(tmp_path, monkeypatch):
+    """Memory: at most WRITE_BEHIND small files of a batch wait for the write threads (here slowed
+    down) beside the one being read."""
+    from hats_margin.stages import reducing
+
+    tasks = _tasks_of_one_batch(tmp_path, 12)
+    state = {"read": 0, "published": 0, "most": 0}
+    lock = threading.Lock()
+    real_reduce, real_publish = reducing.reduce_pixel, reducing.publish
+
+    def counting_reduce(task, *rest):
+        with lock:
+            state["read"] += 1
+            state["most"] = max(state["most"], state["read"] - state["published"])
+        return real_reduce(task, *rest)
+
+    def slow_publish(temporary, final):
+        time.sleep(0.05)
+        real_publish(temporary, final)
+        with lock:
+            state["published"] += 1
+
+    monkeypatch.setattr(reducing, "reduce_pixel", counting_reduce)
+    monkeypatch.setattr(reducing, "publish", slow_publish)
+    outcome = reducing.reduce_batch(tasks)
+    assert all(ok for ok, _ in outcome.values())
+    assert state["published"] == len(tasks)
+    assert state["most"] == reducing.WRITE_BEHIND + 1, state
+
+
+def test_a_large_file_is_written_by_the_batch_thread_itself(tmp_path, monkeypatch):
+    """A file that outgrew memory (streamed row group by row group) is closed in the batch's own
+    thread: its last row group may be large, and is not handed over."""
+    from hats_margin import io
+    from hats_margin.stages import reducing
+
+    monkeypatch.setattr(io, "SMALL_FILE_BYTES", 0)
+    tasks = _tasks_of_one_batch(tmp_path, 2)
+    in_thread = []
+    real_close = reducing.MarginFileWriter.close
+    monkeypatch.setattr(
+        reducing.MarginFileWriter, "close",
+        lambda self: in_thread.append(threading.current_thread().name) or real_close(self),
+    )
+    outcome = reducing.reduce_batch(tasks)
+    assert all(ok for ok, _ in outcome.values())
+    assert in_thread == [threading.current_thread().name] * 2

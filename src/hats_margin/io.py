@@ -819,6 +819,11 @@ class MarginFileWriter:
             rest = merged.slice(self.row_group_size)
             self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
 
+    @property
+    def streaming(self) -> bool:
+        """Whether the file is open and written row group by row group (else it is still in memory)."""
+        return self._writer is not None
+
     def _open(self, location: str, fs) -> pq.ParquetWriter:
         """The parquet writer of the file at ``location`` (on ``fs``; None: local), its directory created."""
         _make_parent(location, fs)
