@@ -98,3 +98,21 @@ def test_weighted_batches_keep_neighbours_together_and_go_heaviest_first(client,
                                weight=lambda task: weights[task.key])
     assert results == {t.key: t.key.upper() for t in tasks}
     assert submitted == [["t3", "t4", "t5"], ["t6", "t7"], ["t0", "t1", "t2"]]
+
+
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_the_run_own_cluster_has_no_statistical_profiler(tmp_path, n_workers):
+    """The cluster a run makes (in-process or worker processes) does not sample its worker threads'
+    stacks every 10 ms (nobody sees the profile: no dashboard); a client the user makes keeps
+    Dask's own default, and the setting does not leak out of the run."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    def profiling(dask_worker) -> bool:
+        return "profile" in dask_worker.periodic_callbacks
+
+    with runner.local_client(n_workers, 1, tmp_path / "dask", runner.StageClock()) as client:
+        assert list(client.run(profiling).values()) == [False] * n_workers
+    assert dask.config.get("distributed.worker.profile.enabled") is True
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        assert list(client.run(profiling).values()) == [True]

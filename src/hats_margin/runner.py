@@ -205,6 +205,13 @@ def client_for(args, client: Client | None, clock: StageClock) -> Iterator[Clien
         yield own_client
 
 
+OWN_CLUSTER_CONFIG = {"distributed.worker.profile.enabled": False}
+"""Dask settings of the local cluster a run makes for itself. Its workers' statistical profiler
+(a stack walk of every worker thread each 10 ms, under the GIL, in the thread that also serves
+the scheduler and client of an in-process cluster) feeds a dashboard this cluster does not serve;
+a client the user passes keeps the user's settings."""
+
+
 @contextmanager
 def local_client(n_workers: int, threads_per_worker: int, local_directory, clock: StageClock) -> Iterator[Client]:
     """A Dask client on a local cluster made for one run; its start and stop are timed on ``clock``.
@@ -214,11 +221,12 @@ def local_client(n_workers: int, threads_per_worker: int, local_directory, clock
     sharing one interpreter). Worker processes start with SIGINT ignored, so Ctrl-C interrupts
     the driver only and the command line prints one clean message instead of their tracebacks.
     """
+    import dask
     from distributed import Client, LocalCluster
 
     processes = n_workers > 1
     with ExitStack() as stack:
-        with clock("cluster start"), _sigint_ignored(processes):
+        with clock("cluster start"), _sigint_ignored(processes), dask.config.set(OWN_CLUSTER_CONFIG):
             cluster = stack.enter_context(
                 LocalCluster(
                     n_workers=n_workers,
