@@ -335,3 +335,34 @@ def test_each_column_of_a_row_group_is_decoded_once(client, wide_row_groups, tmp
     reference = pipeline_with_client(make_args(wide_row_groups, tmp_path / "ref", margin_threshold=5.0), client)
     assert reference.total_rows == with_index.total_rows
     assert rows_per_pixel(tmp_path / "out" / NAME) == rows_per_pixel(tmp_path / "ref" / "out" / NAME)
+
+
+def test_the_shard_buffer_counts_each_slice_by_its_rows_and_flushes_at_its_limit(tmp_path):
+    """The map task sends zero-copy slices of its taken rows: each counts its share of the rows
+    (not the whole parent, and without ``nbytes``' walk over every column), so the buffer flushes
+    once it holds ``flush_bytes``, and a failed task's dropped rows leave the count as it was."""
+    from hats_margin.geometry import Tiling
+    from hats_margin.stages.mapping import _send
+
+    layout = TempLayout(UPath(tmp_path))
+    layout.make_dirs()
+    rows = 1000
+    table = pa.table({"_healpix_29": np.arange(rows, dtype=np.int64), "x": np.arange(rows, dtype=np.float64)})
+    size = table.get_total_buffer_size()
+    dests = Tiling.from_pixels(np.array([3] * 10), np.arange(10))
+    dest_idx = np.repeat(np.arange(10), rows // 10)  # ten destinations of 100 rows each
+
+    writers = ShardWriters(layout.shard("2_5-0123abcd"), table.schema, flush_bytes=10 * size)
+    _send(writers.source((2, 5)), table, dests, dest_idx, ())
+    assert writers._pending_bytes == size, "ten slices of a tenth each: the table once"
+    assert writers._writer is None, "under the limit: nothing written yet"
+    writers.drop((2, 5))
+    assert writers._pending_bytes == 0 and not writers._pending
+
+    writers = ShardWriters(layout.shard("2_6-0123abcd"), table.schema, flush_bytes=size // 2)
+    _send(writers.source((2, 6)), table, dests, dest_idx, ())
+    assert writers._writer is not None, "half the table buffered: flushed"
+    assert writers._pending_bytes < size // 2
+    writers.close()
+    index = writers.index[(2, 6)]
+    assert sum(read_shard(layout.shard("2_6-0123abcd"), b).num_rows for b in index.values()) == rows

@@ -346,11 +346,13 @@ def _select_and_send(task: MapTask, dests, row_group: _RowGroup, path, writers, 
 
 
 def _send(writers, selected, dests, dest_idx, prefix):
-    """Write the rows of ``selected`` to their destinations ``dest_idx`` (sorted): a zero-copy
-    slice per destination, keyed by ``prefix + destination``."""
+    """Write the rows of ``selected`` (a compact table: taken rows) to their destinations
+    ``dest_idx`` (sorted): a zero-copy slice per destination, keyed by ``prefix + destination``,
+    its size its share of the rows of ``selected``."""
+    row_bytes = selected.get_total_buffer_size() / max(selected.num_rows, 1)
     for lo, hi in _runs(dest_idx):
         dest = (*prefix, int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
-        writers.write(dest, selected.slice(lo, hi - lo))
+        writers.write(dest, selected.slice(lo, hi - lo), round(row_bytes * (hi - lo)))
 
 
 def _radec(task: MapTask, row_group: _RowGroup) -> tuple[np.ndarray, np.ndarray]:
