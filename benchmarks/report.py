@@ -69,6 +69,11 @@ CATALOGS = {
         ["generate_shapes.py", "wide"],
         ["generate_shapes.py", "wide", "--rows", "600000", "--max-rows-per-partition", "200000"],
     ),
+    "wide_200k": Catalog(
+        "wide_200k", "real-shaped, 110 columns, 200k-row partitions",
+        ["generate_shapes.py", "wide", "--rows", "4000000", "--max-rows-per-partition", "200000"],
+        ["generate_shapes.py", "wide", "--rows", "400000", "--max-rows-per-partition", "20000"],
+    ),
     "many_17k": Catalog(
         "many_17k", "many",
         ["generate_shapes.py", "many"],
@@ -103,6 +108,8 @@ BENCHMARKS = {
         Benchmark("sky_500k", "sky_500k", "exact,coarse,importer,floor",
                   targets=["floor<=2", "importer>=20", "exact/coarse", "files"]),
         Benchmark("wide", "wide_5m", targets=["floor<1.0", "exact/coarse", "memory", "files"]),
+        Benchmark("real", "wide_200k", "exact,coarse,importer,floor",
+                  targets=["importer>=8", "floor<=1.5", "memory", "files"]),
         Benchmark("many", "many_17k", repeats=1, targets=["per-partition", "exact/coarse", "files"]),
         Benchmark("nested", "nested_500k", targets=["exact/coarse", "memory", "files"]),
         Benchmark("sky_1m", "sky_1m", "exact,coarse", thresholds=(1.0, 10.0, 60.0, 3600.0),
