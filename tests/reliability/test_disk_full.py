@@ -89,11 +89,11 @@ def test_simulated_full_disk_while_writing_shards(client, baselines, source_copy
     real_write = hm_io.ShardWriters.write
     calls = {"n": 0}
 
-    def write(self, dest, table):
+    def write(self, dest, table, *rest):
         calls["n"] += 1
         if calls["n"] > 5:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(self, dest, table)
+        return real_write(self, dest, table, *rest)
 
     monkeypatch.setattr(hm_io.ShardWriters, "write", write)
     run = Run(source_copy, tmp_path / "out", False)
