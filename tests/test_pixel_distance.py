@@ -795,3 +795,32 @@ def test_several_thresholds_send_no_more_points_to_the_branch_and_bound_than_one
     several = within_thresholds_of_pixel(ra, dec, order, pixel, thresholds)
     np.testing.assert_array_equal(several, np.array(singles))
     assert 0 < sum(solved) <= separate
+
+
+@pytest.mark.parametrize("segments_per_point", [False, True])
+def test_segment_chords_in_place_equal_the_plain_formula_bit_for_bit(segments_per_point):
+    """_segment_chords computes |Q - clip((Q . D) / |D|^2, 0, 1) D| (Q = P - A) in place into a few
+    arrays: every operation in the written order, so the certified bounds built on it are the
+    formula's to the last bit, for both shapes it is called with (all points against every coarse
+    chord; each point against its own fine chords), degenerate segments (|D| = 0) included, and
+    its inputs are left untouched."""
+    from hats_margin.pixel_distance import _segment_chords
+
+    rng = np.random.default_rng(7)
+    n, s = 400, 32
+    points = [rng.normal(size=(n, 1)) for _ in range(3)]
+    shape = (n, s) if segments_per_point else (s,)
+    segments = [rng.normal(size=shape) for _ in range(6)] + [np.abs(rng.normal(size=shape))]
+    segments[6][..., :3] = 0.0
+    copies = [a.copy() for a in points + segments]
+
+    px, py, pz = points
+    ax, ay, az, dx, dy, dz, inv = segments
+    qx, qy, qz = px - ax, py - ay, pz - az
+    u = np.clip((qx * dx + qy * dy + qz * dz) * inv, 0.0, 1.0)
+    ex, ey, ez = qx - u * dx, qy - u * dy, qz - u * dz
+    expected = np.sqrt(ex * ex + ey * ey + ez * ez)
+
+    got = _segment_chords(*points, *segments)
+    assert got.shape == (n, s) and np.array_equal(got, expected)
+    assert all(np.array_equal(a, b) for a, b in zip(points + segments, copies))

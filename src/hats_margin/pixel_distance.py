@@ -400,11 +400,26 @@ def _survive(bound_chord, cut, far):
 # Polyline bracket: a cheap certified accept / reject before the branch and bound
 # --------------------------------------------------------------------------------------------
 def _segment_chords(px, py, pz, ax, ay, az, dx, dy, dz, inv_len2):
-    """Euclidean distance from points P to the straight segments A -> A + D (broadcast)."""
+    """Euclidean distance from points P to the straight segments A -> A + D (broadcast).
+
+    ``|Q - clip((Q . D) / |D|^2, 0, 1) D|`` with Q = P - A, each operation in the same order as
+    written, into five arrays of the broadcast shape instead of one per operation (the largest
+    share of the exact test at wide thresholds was allocating and filling temporaries)."""
     qx, qy, qz = px - ax, py - ay, pz - az
-    u = np.clip((qx * dx + qy * dy + qz * dz) * inv_len2, 0.0, 1.0)
-    ex, ey, ez = qx - u * dx, qy - u * dy, qz - u * dz
-    return np.sqrt(ex * ex + ey * ey + ez * ez)
+    u = qx * dx
+    t = qy * dy
+    u += t
+    np.multiply(qz, dz, out=t)
+    u += t
+    u *= inv_len2
+    np.clip(u, 0.0, 1.0, out=u)
+    for q, d in ((qx, dx), (qy, dy), (qz, dz)):  # Q - u D, then its square, in place
+        np.multiply(u, d, out=t)
+        np.subtract(q, t, out=q)
+        np.multiply(q, q, out=q)
+    qx += qy
+    qx += qz
+    return np.sqrt(qx, out=qx)
 
 
 class _Polyline:
