@@ -148,9 +148,7 @@ def _tasks_of_one_batch(tmp_path, n: int) -> list[ReduceTask]:
             base, key=f"2_{pixel[1]}", pixel=pixel, sources=((2, 100 + i, f"2_{100 + i}-00000000", (0,)),),
             output_file=output_file(UPath(tmp_path / "catalog"), *pixel, ".parquet", None),
         )
-        writers = ShardWriters(task.layout.shard(f"2_{100 + i}-00000000"), SCHEMA)
-        writers.write((2, 100 + i, *pixel), pa.table({"_healpix_29": [4, 3, 2, 1], "value": [0.0] * 4}, schema=SCHEMA))
-        writers.close()
+        write_shard(task, (2, 100 + i), 4)
         tasks.append(task)
     return tasks
 
