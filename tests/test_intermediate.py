@@ -353,14 +353,14 @@ def test_the_shard_buffer_counts_each_slice_by_its_rows_and_flushes_at_its_limit
     dest_idx = np.repeat(np.arange(10), rows // 10)  # ten destinations of 100 rows each
 
     writers = ShardWriters(layout.shard("2_5-0123abcd"), table.schema, flush_bytes=10 * size)
-    _send(writers.source((2, 5)), table, dests, dest_idx, ())
+    _send(writers.source((2, 5)), table, dests, dest_idx)
     assert writers._pending_bytes == size, "ten slices of a tenth each: the table once"
     assert writers._writer is None, "under the limit: nothing written yet"
     writers.drop((2, 5))
     assert writers._pending_bytes == 0 and not writers._pending
 
     writers = ShardWriters(layout.shard("2_6-0123abcd"), table.schema, flush_bytes=size // 2)
-    _send(writers.source((2, 6)), table, dests, dest_idx, ())
+    _send(writers.source((2, 6)), table, dests, dest_idx)
     assert writers._writer is not None, "half the table buffered: flushed"
     assert writers._pending_bytes < size // 2
     writers.close()

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hats.catalog import TableProperties
@@ -16,6 +18,7 @@ from upath import UPath
 
 from hats_margin import MarginCacheArguments, cli, pipeline_with_client, runner
 from hats_margin.errors import ArgumentError, ResumeMismatchError
+from hats_margin.pixel import Pixel
 from hats_margin.stages import mapping
 from hats_margin.verify import verify_margin
 from helpers import pixel_files
@@ -108,6 +111,7 @@ def test_default_names_from_a_base_name_and_the_command_line(capsys, client, cat
         ({"margin_threshold": [5, 10], "fine_filtering": False}, "fine_filtering=False"),
         ({"margin_threshold": []}, "empty list"),
         ({"margin_threshold": [5, "10 parsecs"]}, "10 parsecs"),
+        ({"margin_threshold": list(range(1, 66))}, "65 widths: one read builds at most 64"),
     ],
 )
 def test_bad_lists_of_thresholds_are_refused_naming_the_value(kwargs, words):
@@ -250,3 +254,78 @@ def test_a_run_killed_while_reducing_resumes_only_the_missing_pixels(client, cat
     assert result.margins[0].skipped_tasks == {"mapping": 14, "reducing": smaller}
     for name in NAMES:
         assert _files(tmp_path / name) == _files(singles / name)
+
+
+def test_the_shards_hold_each_row_once_marked_with_its_margins(catalogs, tmp_path):
+    """One read writes each margin row once per destination, with the margins it is in (the shard's
+    last column), not once per margin; the rows each margin gets are those its marker counts, and
+    those a single-threshold map sends to the destination, in the same order."""
+    from pyarrow import ipc
+
+    from hats_margin import resume
+    from hats_margin.io import MARGINS_COLUMN
+    from hats_margin.pixel import margin_key
+    from hats_margin.stages import planning
+
+    def mapped(args):
+        plans = planning.make_plans(args) if args.margins else [planning.make_plan(args)]
+        starts = [resume.start(p) for p in plans]
+        lead = next(p for p in plans if not p.margin_index)
+        payloads = {}
+        for task in lead.map_tasks:
+            for key, (ok, payload) in mapping.map_batch([task]).items():
+                assert ok, payload
+                payloads[key] = payload
+        rows = {}  # (source, destination) -> the rows sent, as read from the shard
+        for payload in payloads.values():
+            if not payload["batches"]:  # sent no row: no shard written
+                continue
+            with ipc.open_file(str(lead.layout.shard(payload["shard"]).path)) as shard:
+                for dest, batches in payload["batches"].items():
+                    table = pa.Table.from_batches([shard.get_batch(i) for i in batches], schema=shard.schema)
+                    rows[(tuple(payload["source"]), dest)] = table
+        for start in starts:
+            start.lock.release()
+        return payloads, rows
+
+    several, shard_rows = mapped(_args(catalogs / SOURCE, tmp_path / "several", THRESHOLDS, NAMES))
+    largest_first = sorted(THRESHOLDS, reverse=True)
+    sent = {t: 0 for t in THRESHOLDS}
+    for (source, dest), table in shard_rows.items():
+        assert table.schema.names[-1] == MARGINS_COLUMN and table.schema.field(MARGINS_COLUMN).type == pa.uint8()
+        bits = table[MARGINS_COLUMN].to_pylist()
+        assert all(bits), "every row sent is in some margin"
+        payload = several["_".join(map(str, source))]
+        for index, threshold in enumerate(largest_first):
+            n = sum(b >> index & 1 for b in bits)
+            assert payload["rows"].get(f"{index}:{dest}", 0) == n
+            sent[threshold] += n
+    total = sum(t.num_rows for t in shard_rows.values())
+    assert total == sent[max(THRESHOLDS)] < sum(sent.values()), "each row once, not once per margin"
+    for threshold in THRESHOLDS:  # a margin's rows are a single build's, in its order
+        index = largest_first.index(threshold)
+        _, single_rows = mapped(_args(catalogs / SOURCE, tmp_path / f"single{threshold}", threshold, "m"))
+        for (source, dest), table in single_rows.items():
+            mine = shard_rows[(source, margin_key(Pixel.parse(dest)))]
+            keep = pa.array([bool(b >> index & 1) for b in mine[MARGINS_COLUMN].to_pylist()])
+            assert mine.filter(keep).drop_columns([MARGINS_COLUMN]).equals(table), (threshold, source, dest)
+        assert sum(t.num_rows for t in single_rows.values()) == sent[threshold]
+
+
+@pytest.mark.parametrize("margins", [2, 8, 9, 33, 64])
+def test_each_row_carries_exactly_the_margins_it_is_in(margins):
+    """The bits the map stage writes per row (up to 64 margins, in the smallest integer type) give
+    back each margin's rows, in their order, whatever the pattern (nested or not)."""
+    from hats_margin.io import MARGINS_COLUMN, margin_bits_type, rows_of_margin
+
+    rng = np.random.default_rng(margins)
+    inside = rng.random((margins, 200)) < 0.4
+    inside[:, 0] = True  # a row in every margin (the top bit included)
+    bits = mapping._margin_bits(inside)
+    assert pa.array(bits).type == margin_bits_type(margins)
+    assert margin_bits_type(margins).bit_width == next(w for w in (8, 16, 32, 64) if margins <= w)
+    table = pa.table({"_healpix_29": np.arange(200), MARGINS_COLUMN: bits})
+    for margin in range(margins):
+        rows = rows_of_margin(table, margin)
+        assert rows.column_names == ["_healpix_29"]
+        assert rows["_healpix_29"].to_pylist() == np.flatnonzero(inside[margin]).tolist()

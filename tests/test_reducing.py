@@ -233,3 +233,85 @@ def test_a_large_file_is_written_by_the_batch_thread_itself(tmp_path, monkeypatc
     outcome = reducing.reduce_batch(tasks)
     assert all(ok for ok, _ in outcome.values())
     assert in_thread == [threading.current_thread().name] * 2
+
+
+def _margins_of_one_pixel(tmp_path):
+    """Three margins (0 the largest) of pixel 2/176 from two sources' shards holding each row once,
+    marked with its margins (bits, as the map stage writes them); the rows each margin must hold."""
+    from hats_margin.io import MARGINS_COLUMN, shard_schema
+
+    schema = shard_schema(SCHEMA, 3)
+    base = make_task(tmp_path, [], expected_rows=0)
+    per_margin = {0: [], 1: [], 2: []}
+    sources = []
+    # rows out of order within a source; equal spatial indexes (order 29 cells shared by
+    # two rows with different margins, e.g. a spatial index of a coarser order) keep their order
+    rows = {(2, 177): [(5, 0b111), (3, 0b001), (5, 0b011), (4, 0b001), (3, 0b111)],
+            (2, 178): [(12, 0b001), (11, 0b001), (12, 0b011)]}
+    for source, values in rows.items():
+        batch = f"{source[0]}_{source[1]}-00000000"
+        table = pa.table({"_healpix_29": [v for v, _ in values], "value": [float(i) for i in range(len(values))],
+                          MARGINS_COLUMN: pa.array([b for _, b in values], pa.uint8())}, schema=schema)
+        writers = ShardWriters(base.layout.shard(batch), schema)
+        writers.write((*source, *PIXEL), table)
+        writers.close()
+        for margin in per_margin:
+            if any(b >> margin & 1 for _, b in values):
+                sources.append((margin, (*source, batch, (0,))))
+        for i, (v, b) in enumerate(values):
+            for margin, kept in per_margin.items():
+                if b >> margin & 1:
+                    kept.append((v, float(i)))
+    tasks = {}
+    for margin, expected in per_margin.items():
+        tasks[margin] = dataclasses.replace(
+            base, key=f"{margin}:2_176", margin=margin, expected_rows=len(expected),
+            sources=tuple(s for m, s in sources if m == margin),
+            output_file=output_file(UPath(tmp_path / f"catalog{margin}"), *PIXEL, ".parquet", None),
+        )
+        # what a margin's file holds: its rows, stably sorted by the spatial index
+        per_margin[margin] = sorted(expected, key=lambda r: r[0])
+    return tasks, per_margin
+
+
+@pytest.mark.parametrize(("order", "reads"), [([0, 1, 2], 2), ([2, 1, 0], 3), ([1, 0, 2], 2)],
+                         ids=["largest-first", "smallest-first", "same-sources-first"])
+def test_the_margins_of_a_pixel_read_their_rows_once_and_keep_their_own(tmp_path, monkeypatch, order, reads):
+    """Several margins from one read: the record batches of a pixel hold every margin's rows once;
+    each margin's file holds exactly its rows, sorted, in their order among equal spatial indexes,
+    whatever order the batch runs the margins in. A margin reuses the rows the previous one read
+    if they include every source it reads (largest first: each record batch is read once);
+    margin 2 reads one source, margins 0 and 1 both."""
+    from hats_margin import io
+    from hats_margin.stages import reducing
+
+    tasks, expected = _margins_of_one_pixel(tmp_path)
+    readers = []
+    real = io.ShardReaders.__init__
+    monkeypatch.setattr(reducing.ShardReaders, "__init__", lambda self, *a: readers.append(self) or real(self, *a))
+    outcome = reducing.reduce_batch([tasks[m] for m in order])
+    assert all(ok for ok, _ in outcome.values()), outcome
+    for margin, task in tasks.items():
+        table = pq.read_table(task.output_file.path)
+        assert table.schema.names == SCHEMA.names, "the margins column is not written"
+        assert list(zip(table["_healpix_29"].to_pylist(), table["value"].to_pylist())) == expected[margin], margin
+    assert expected[2] and len(expected[2]) < len(expected[1]) < len(expected[0])
+    assert readers[0].batches_read == reads
+
+
+def test_the_margins_of_a_pixel_too_large_to_keep_are_read_again(tmp_path, monkeypatch):
+    """A pixel whose rows are sorted in several groups is not kept: each margin reads its own,
+    and the files are the same."""
+    from hats_margin.stages import reducing
+
+    tasks, expected = _margins_of_one_pixel(tmp_path)
+    monkeypatch.setattr(reducing, "SORT_GROUP_BYTES", 1)
+    readers = []
+    real = reducing.ShardReaders.__init__
+    monkeypatch.setattr(reducing.ShardReaders, "__init__", lambda self, *a: readers.append(self) or real(self, *a))
+    outcome = reducing.reduce_batch([tasks[m] for m in (0, 1, 2)])
+    assert all(ok for ok, _ in outcome.values()), outcome
+    for margin, task in tasks.items():
+        table = pq.read_table(task.output_file.path)
+        assert list(zip(table["_healpix_29"].to_pylist(), table["value"].to_pylist())) == expected[margin], margin
+    assert readers[0].batches_read == sum(len(t.sources) for t in tasks.values())

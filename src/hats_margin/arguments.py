@@ -22,6 +22,8 @@ from hats_margin.units import extreme_threshold_message, short_angle, threshold_
 
 DEFAULT_THRESHOLD_ARCSEC = 5.0
 MAX_NAME_BYTES = 255
+MAX_MARGINS_PER_READ = 64
+"""Most thresholds one read builds: the shard marks each row's margins in one 64-bit integer."""
 """Longest file name (bytes) that common file systems and object-store keys' path parts allow."""
 # matched with fullmatch (``$`` would accept a trailing newline)
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
@@ -138,6 +140,11 @@ class MarginCacheArguments:
             raise ArgumentError(
                 f"margin_threshold lists {', '.join(f'{a:g}' for a in repeated)} arcsec more than once: "
                 "give each width once"
+            )
+        if len(arcsec) > MAX_MARGINS_PER_READ:
+            raise ArgumentError(
+                f"margin_threshold lists {len(arcsec)} widths: one read builds at most {MAX_MARGINS_PER_READ} "
+                "margins; split them into runs of at most that many"
             )
         if isinstance(names, (list, tuple)):
             if len(names) != len(arcsec):

@@ -13,7 +13,7 @@ import posixpath
 import re
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -358,10 +358,10 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 # ---------------------------------------------------------------- intermediate layout
-INTERMEDIATE_FORMAT = 3
+INTERMEDIATE_FORMAT = 4
 """Version of the shard and marker layout, part of a run's fingerprint: intermediate files of
-another layout (2: one shard and one marker per map task; 1: one shard per source x destination
-pair) are never resumed."""
+another layout (3: with several margins, record batches per (margin, destination); 2: one shard
+and one marker per map task; 1: one shard per source x destination pair) are never resumed."""
 
 _BATCH = r"\d+_\d+-[0-9a-f]{8}"
 """Name of a batch of map tasks: its first task's ``order_pixel``, then 8 random hex digits (each
@@ -516,6 +516,38 @@ def read_json(path: UPath) -> dict | None:
         return None
 
 
+MARGINS_COLUMN = "__hats_margin_margins__"
+"""Several margins from one read: the shards' last column, per row the margins it belongs to (bit
+k: margin k, thresholds largest first). A row in several margins is written once, in one record
+batch per destination, and each margin's reduce keeps its own rows (in their order)."""
+
+
+def shard_schema(schema: pa.Schema, margins: int) -> pa.Schema:
+    """The schema of the shards: the catalog's, and with several margins :data:`MARGINS_COLUMN` last
+    (the smallest unsigned integer with a bit per margin; at most 64 margins)."""
+    if margins <= 1:
+        return schema
+    return schema.append(pa.field(MARGINS_COLUMN, margin_bits_type(margins), nullable=False))
+
+
+def margin_bits_type(margins: int) -> pa.DataType:
+    """The unsigned integer type with a bit for each of ``margins`` margins."""
+    for bits, kind in ((8, pa.uint8()), (16, pa.uint16()), (32, pa.uint32()), (64, pa.uint64())):
+        if margins <= bits:
+            return kind
+    raise ValueError(f"{margins} margins from one read: at most 64")
+
+
+def rows_of_margin(table: pa.Table, margin: int) -> pa.Table:
+    """The rows of a shard's ``table`` (with :data:`MARGINS_COLUMN` last) that belong to margin
+    ``margin``, in their order, without that column: the catalog schema's rows."""
+    last = table.num_columns - 1
+    bits = table.column(last).to_numpy()
+    keep = (bits >> bits.dtype.type(margin)) & bits.dtype.type(1)
+    rows = table.remove_column(last)
+    return rows if keep.all() else rows.filter(pa.array(keep.astype(bool)))
+
+
 SHARD_FLUSH_BYTES = 4 << 20
 """Rows a map task holds in memory before writing them to its batch's shard: small beside a row
 group (the memory bound), large enough that a destination's rows from many row groups share a
@@ -634,6 +666,9 @@ class SourceShard:
 
     shard: ShardWriters
     source: tuple[int, int]
+    margin_rows: dict[tuple[int, ...], int] = field(default_factory=dict)
+    """Several margins from one read: rows per (margin, order, pixel) (a row is sent once, to the
+    destination, with the margins it is in: see :data:`MARGINS_COLUMN`)."""
 
     def write(self, dest: tuple[int, ...], table: pa.Table, nbytes: int | None = None):
         """Send ``table`` to destination ``dest`` (``(order, pixel)`` or ``(margin, order, pixel)``);
@@ -690,6 +725,8 @@ class ShardReaders:
         """Nothing opened yet; ``limit``: most shards kept open at once."""
         self.limit = limit
         self._open: dict[tuple[str, str], tuple[object, ipc.RecordBatchFileReader]] = {}
+        self.batches_read = 0
+        """record batches read so far"""
 
     def read(self, layout: TempLayout, batch: str, batches) -> pa.Table:
         """The record batches ``batches`` of the shard of ``batch`` (in ``layout``), as one table."""
@@ -700,6 +737,7 @@ class ShardReaders:
             while len(self._open) >= self.limit:  # close the least recently used
                 self._open.pop(next(iter(self._open)))[0].close()
             self._open[key] = _open_shard(layout.shard(batch))
+        self.batches_read += len(batches)
         return _batches_of(self._open[key][1], batches)
 
     def close(self):

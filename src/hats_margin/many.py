@@ -4,9 +4,10 @@ Every margin is a run of its own for everything a run owns (its output directory
 staged overwrite, intermediate directory, fingerprint, done markers, finishing), exactly as a
 single-threshold build; they share only the map stage. The map tasks are those of the largest
 threshold: each partition is read once, its candidate rows are filtered at the largest threshold,
-then at each smaller one (nested), and every (margin, destination) gets its record batches in the
-task's one shard (in the largest margin's intermediate directory). One reduce task per (margin,
-pixel) reads its own batches.
+then at each smaller one (nested), and every destination gets its record batches in the task's
+one shard (in the largest margin's intermediate directory), each row once with the margins it is
+in. One reduce task per (margin, pixel); those of a pixel run one after another, largest
+first, and the smaller ones keep their rows from the rows the largest read and sorted.
 
 Order of the end, for resume: every margin's catalog is finished, the largest last; then each one's
 intermediate files are removed and its claim released (or its staged overwrite swapped in), the
@@ -136,8 +137,8 @@ def _execute_many(
                         skipped += 1
                     else:
                         todo.append(task)
-            # the margins of one pixel side by side: one batch reads their shared shards once
-            todo.sort(key=lambda t: planning.spatial_order(t.pixel))
+            # the margins of one pixel side by side, largest first: one batch reads their rows once
+            todo.sort(key=lambda t: (planning.spatial_order(t.pixel), t.margin))
             reduced = runner.run_stage(
                 client, "Reducing", reducing.reduce_batch, todo, progress_bar=args.progress_bar,
                 skipped=skipped, resume_hint=hint, batched=True, weight=reducing.weight,

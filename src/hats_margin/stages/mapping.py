@@ -27,6 +27,7 @@ from hats_margin.errors import InputCatalogError
 from hats_margin.exact_filter import pairs_within_thresholds
 from hats_margin.io import (
     INTERMEDIATE_FORMAT,
+    MARGINS_COLUMN,
     ShardWriters,
     SourceShard,
     TempLayout,
@@ -34,8 +35,10 @@ from hats_margin.io import (
     conform,
     leaf_files,
     leaf_path,
+    margin_bits_type,
     open_parquet,
     read_row_group,
+    shard_schema,
     write_json,
 )
 from hats_margin.pixel import Pixel, margin_key
@@ -67,8 +70,8 @@ class MapTask:
     """check every row's ra/dec against its spatial index (else only the rows read anyway)"""
     margin_thresholds: tuple[float, ...] = ()
     """Several margins from this one read: their thresholds, largest first (the first is
-    ``threshold_arcsec``, which the candidate search serves). Rows then go to the shard keyed by
-    (margin index, destination); empty for a single margin (keyed by destination)."""
+    ``threshold_arcsec``, which the candidate search serves). A row then goes to each destination
+    once, with the margins it is in (``io.MARGINS_COLUMN``); empty for a single margin."""
 
     @property
     def leaf(self) -> UPath:
@@ -90,7 +93,7 @@ def map_batch(tasks: list[MapTask]) -> dict[str, tuple[bool, object]]:
         return {}
     layout = tasks[0].layout
     batch = layout.new_batch(tasks[0].source)
-    shard = ShardWriters(layout.shard(batch), tasks[0].schema)
+    shard = ShardWriters(layout.shard(batch), shard_schema(tasks[0].schema, len(tasks[0].margin_thresholds)))
     outcome: dict[str, tuple[bool, object]] = {}
     payloads: dict[str, dict] = {}
     try:
@@ -149,9 +152,10 @@ def _marker_key(key: tuple[int, ...]) -> str:
     return margin_key(Pixel(*key))
 
 
-def _map(task: MapTask, writers: SourceShard) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], list[int]], int]:
-    """Rows sent per destination, the shard's record batches holding each destination's rows, and
-    how many of the rows whose coordinates were checked have none (NaN/inf/null)."""
+def _map(task: MapTask, writers: SourceShard) -> tuple[dict[tuple[int, ...], int], dict[tuple[int, int], list[int]], int]:
+    """Rows sent per destination (per (margin, destination) with several margins), the shard's
+    record batches holding each destination's rows, and how many of the rows whose coordinates
+    were checked have none (NaN/inf/null)."""
     dests = geometry.Tiling.from_pixels(task.dest_orders, task.dest_pixels)
     no_position = 0
     for path in leaf_files(task.leaf, task.input_suffix):
@@ -162,7 +166,8 @@ def _map(task: MapTask, writers: SourceShard) -> tuple[dict[tuple[int, int], int
             no_position += _map_row_group(task, dests, parquet, path, group, writers, first_row)
             first_row += parquet.metadata.row_group(group).num_rows
     writers.shard.flush()  # this task's rows are in the file: their record batch numbers are known
-    return dict(writers.rows), dict(writers.index), no_position
+    rows = writers.margin_rows if task.margin_thresholds else writers.rows
+    return dict(rows), dict(writers.index), no_position
 
 
 SMALL_ROW_GROUP_BYTES = 1 << 20
@@ -326,8 +331,9 @@ def _select_and_send(task: MapTask, dests, row_group: _RowGroup, path, writers, 
         kept = [np.flatnonzero(keep) for keep in within]
         if not any(len(k) for k in kept):
             return no_position
-    # one take of every pair any margin keeps, then a take of that (small) table per margin
-    union = kept[0] if len(kept) == 1 else np.flatnonzero(within.any(axis=0))
+    # one take of every pair any margin keeps; with several margins each row is sent once, with
+    # the margins it is in (the shard's last column)
+    union = np.flatnonzero(within.any(axis=0)) if task.margin_thresholds else kept[0]
     taken = row_group.take(rows[union])
     if ra is None:  # coarse mode: check the selected rows' ra/dec, in the rows just taken
         selected, first = np.unique(rows, return_index=True)
@@ -336,22 +342,45 @@ def _select_and_send(task: MapTask, dests, row_group: _RowGroup, path, writers, 
             _float_array(taken.column(task.dec_column).take(pa.array(first))),
             spatial_index[selected], None, positions=selected,
         )
-    for margin, pairs in enumerate(kept):
-        if len(pairs) == 0:
-            continue
-        part = taken if len(pairs) == len(union) else taken.take(pa.array(np.searchsorted(union, pairs)))
-        prefix = (margin,) if task.margin_thresholds else ()
-        _send(writers, part, dests, dest_idx[pairs], prefix)
+    if task.margin_thresholds:
+        in_margins = within[:, union]
+        taken = taken.append_column(
+            pa.field(MARGINS_COLUMN, margin_bits_type(len(in_margins)), nullable=False),
+            pa.array(_margin_bits(in_margins)),
+        )
+        _count_margin_rows(writers, in_margins, dests, dest_idx[union])
+    _send(writers, taken, dests, dest_idx[union])
     return no_position
 
 
-def _send(writers, selected, dests, dest_idx, prefix):
+def _margin_bits(in_margins: np.ndarray) -> np.ndarray:
+    """Per row, the margins it is in as bits (bit k: row k of the boolean ``in_margins``)."""
+    dtype = margin_bits_type(len(in_margins)).to_pandas_dtype()
+    bits = np.zeros(in_margins.shape[1], dtype=dtype)
+    for margin, inside in enumerate(in_margins):
+        bits[inside] |= dtype(1) << dtype(margin)
+    return bits
+
+
+def _count_margin_rows(writers: SourceShard, in_margins: np.ndarray, dests, dest_idx: np.ndarray):
+    """Add each destination's rows per margin to ``writers.margin_rows`` (``dest_idx`` sorted)."""
+    runs = _runs(dest_idx)
+    counts = np.add.reduceat(in_margins, [lo for lo, _ in runs], axis=1, dtype=np.int64)
+    for run, (lo, _) in enumerate(runs):
+        dest = (int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
+        for margin, n in enumerate(counts[:, run]):
+            if n:
+                key = (margin, *dest)
+                writers.margin_rows[key] = writers.margin_rows.get(key, 0) + int(n)
+
+
+def _send(writers, selected, dests, dest_idx):
     """Write the rows of ``selected`` (a compact table: taken rows) to their destinations
-    ``dest_idx`` (sorted): a zero-copy slice per destination, keyed by ``prefix + destination``,
-    its size its share of the rows of ``selected``."""
+    ``dest_idx`` (sorted): a zero-copy slice per destination, its size its share of the rows of
+    ``selected``."""
     row_bytes = selected.get_total_buffer_size() / max(selected.num_rows, 1)
     for lo, hi in _runs(dest_idx):
-        dest = (*prefix, int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
+        dest = (int(dests.orders[dest_idx[lo]]), int(dests.pixels[dest_idx[lo]]))
         writers.write(dest, selected.slice(lo, hi - lo), round(row_bytes * (hi - lo)))
 
 

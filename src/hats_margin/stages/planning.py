@@ -394,7 +394,7 @@ def make_map_tasks(plan: Plan) -> list[MapTask]:
 
 def make_reduce_tasks(plan: Plan, map_results: dict[str, dict]) -> list[ReduceTask]:
     """One :class:`ReduceTask` per margin pixel that received rows, from the map tasks' markers
-    (several margins: only this plan's, read from the shared shards).
+    (several margins: only this plan's rows, read from the shared shards).
 
     Each task's sources are sorted by spatial-index range, so its file comes out sorted; the
     tasks are returned in spatial-index order of their pixels (neighbours read the same shards:
@@ -410,8 +410,8 @@ def make_reduce_tasks(plan: Plan, map_results: dict[str, dict]) -> list[ReduceTa
             if not n:
                 continue
             index, dest = parse_margin_key(key)
-            if index == plan.margin_index:
-                sources.setdefault(dest, []).append((*source, shard, tuple(batches[key]), n))
+            if index == plan.margin_index:  # a destination's batches hold the rows of every margin
+                sources.setdefault(dest, []).append((*source, shard, tuple(batches[margin_key(dest)]), n))
     write_kwargs = margin_write_kwargs(catalog.schema, catalog.healpix_column, args.write_table_kwargs)
     tasks = []
     for dest, items in sources.items():
@@ -428,6 +428,7 @@ def make_reduce_tasks(plan: Plan, map_results: dict[str, dict]) -> list[ReduceTa
                 write_kwargs=write_kwargs,
                 layout=plan.layout,
                 shard_layout=plan.shard_layout,
+                margin=plan.margin_index,
             )
         )
     tasks.sort(key=lambda t: spatial_order(t.pixel))

@@ -32,6 +32,7 @@ from hats_margin.io import (
     TempLayout,
     publish,
     remove_file,
+    rows_of_margin,
     temporary_sibling,
 )
 from hats_margin.pixel import Pixel
@@ -63,6 +64,9 @@ class ReduceTask:
     shard_layout: TempLayout | None = None
     """Where the map tasks' shards are, when not in ``layout`` (several margins from one read
     share the shards of the largest threshold's layout)."""
+    margin: int | None = None
+    """Several margins from one read: this margin's index. The shards' record batches hold the rows
+    of every margin, each row marked with its margins (``io.MARGINS_COLUMN``); the task keeps its own."""
 
 
 def weight(task: ReduceTask) -> int:
@@ -97,11 +101,12 @@ def reduce_batch(tasks: list[ReduceTask]) -> dict[str, tuple[bool, object]]:
         exc = future.exception()
         outcome[key] = (True, future.result()) if exc is None else (False, exc)
 
+    shared = PixelRows()
     with ShardReaders() as readers, ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="hats-margin-write") as writer:
         try:
             for task in tasks:
                 try:
-                    result = reduce_pixel(task, readers, writer.submit)
+                    result = reduce_pixel(task, readers, writer.submit, shared)
                 except Exception as exc:  # noqa: BLE001 - reported by the driver, with the task's notes
                     outcome[task.key] = (False, exc)
                     continue
@@ -118,22 +123,47 @@ def reduce_batch(tasks: list[ReduceTask]) -> dict[str, tuple[bool, object]]:
 
 
 def reduce_pixel(task: ReduceTask, readers: ShardReaders | None = None,
-                 defer: Callable[[Callable[[], dict]], Future] | None = None) -> dict | Future:
+                 defer: Callable[[Callable[[], dict]], Future] | None = None,
+                 shared: PixelRows | None = None) -> dict | Future:
     """Write one margin pixel's file from its shards; publishing it marks the task done. Returns
     its rows and footer (finishing builds ``_metadata`` from the footers without re-reading).
     ``readers``: the shards its batch has open (else it opens its own). ``defer``: for a small
     file, its last step (encode, write, check, publish) is handed to ``defer`` (an executor's
-    ``submit``) and the Future it returns is returned instead."""
+    ``submit``) and the Future it returns is returned instead. ``shared``: the sorted rows of the
+    pixel that its batch's previous task (another margin of this pixel) read, if any."""
     if readers is None:
         with ShardReaders() as own:
-            return reduce_pixel(task, own, defer)
-    complete, small = _fill(task, readers)
+            return reduce_pixel(task, own, defer, shared)
+    complete, small = _fill(task, readers, shared)
     if small and defer is not None:
         return defer(complete)
     return complete()
 
 
-def _fill(task: ReduceTask, readers: ShardReaders) -> tuple[Callable[[], dict], bool]:
+class PixelRows:
+    """The sorted rows (every margin's, each marked with its margins) of the last pixel a reduce
+    batch read whole, when several margins are built from one read: the margins of a pixel come
+    one after another, largest first, and the next ones keep their rows from these instead of
+    reading and sorting them again. At most one pixel, of at most ``SORT_GROUP_BYTES``."""
+
+    def __init__(self):
+        self._key = None
+        self._sources: frozenset = frozenset()
+        self._rows: pa.Table | None = None
+
+    def get(self, task: ReduceTask) -> pa.Table | None:
+        """The rows kept, if they are of ``task``'s pixel and hold every source it reads."""
+        if task.margin is None or self._key != (task.pixel, str((task.shard_layout or task.layout).base)):
+            return None
+        return self._rows if self._sources.issuperset(task.sources) else None
+
+    def keep(self, task: ReduceTask, rows: pa.Table | None):
+        """Keep ``rows``: every row of ``task``'s sources, sorted (None: keep nothing)."""
+        self._key = None if rows is None else (task.pixel, str((task.shard_layout or task.layout).base))
+        self._sources, self._rows = (frozenset(), None) if rows is None else (frozenset(task.sources), rows)
+
+
+def _fill(task: ReduceTask, readers: ShardReaders, shared: PixelRows | None = None) -> tuple[Callable[[], dict], bool]:
     """Read the pixel's rows from its shards, sorted, into the writer of its temporary file.
 
     Returns the step that closes the file, checks its rows and publishes it (returning what
@@ -149,17 +179,7 @@ def _fill(task: ReduceTask, readers: ShardReaders) -> tuple[Callable[[], dict], 
     try:
         writer = MarginFileWriter(temporary, task.schema, task.write_kwargs)
         try:
-            shards = task.shard_layout or task.layout
-            group, group_bytes = [], 0
-            for _, _, batch, batches in task.sources:
-                table = readers.read(shards, batch, batches)
-                group.append(table)
-                group_bytes += table.get_total_buffer_size()  # its own buffers: nbytes, 30x cheaper
-                if group_bytes >= SORT_GROUP_BYTES:
-                    writer.write(_sorted(group, task.healpix_column))
-                    group, group_bytes = [], 0
-            if group:
-                writer.write(_sorted(group, task.healpix_column))
+            _copy_sorted(task, readers, writer, shared)
         except BaseException:
             writer.close()
             raise
@@ -183,7 +203,39 @@ def _fill(task: ReduceTask, readers: ShardReaders) -> tuple[Callable[[], dict], 
     return complete, not writer.streaming
 
 
+def _copy_sorted(task: ReduceTask, readers: ShardReaders, writer: MarginFileWriter, shared: PixelRows | None):
+    """Write the task's rows to ``writer`` sorted by the spatial index: kept in ``shared`` if
+    another margin of the pixel read them, else read source after source and sorted in groups of
+    up to ``SORT_GROUP_BYTES`` (with several margins, a pixel read in one group is kept there)."""
+    kept = shared.get(task) if shared is not None else None
+    if kept is not None:
+        writer.write(_own_rows(kept, task))
+        return
+    if shared is not None:
+        shared.keep(task, None)  # another pixel: its rows are not kept beside this one's
+    shards = task.shard_layout or task.layout
+    group, group_bytes, groups = [], 0, 0
+    for _, _, batch, batches in task.sources:
+        table = readers.read(shards, batch, batches)
+        group.append(table)
+        group_bytes += table.get_total_buffer_size()  # its own buffers: nbytes, 30x cheaper
+        if group_bytes >= SORT_GROUP_BYTES:
+            writer.write(_own_rows(_sorted(group, task.healpix_column), task))
+            group, group_bytes, groups = [], 0, groups + 1
+    if group:
+        rows = _sorted(group, task.healpix_column)
+        if not groups and task.margin is not None and shared is not None:
+            shared.keep(task, rows)
+        writer.write(_own_rows(rows, task))
+
+
+def _own_rows(rows: pa.Table, task: ReduceTask) -> pa.Table:
+    """The rows of ``task``'s margin among ``rows`` (all of them for a single margin)."""
+    return rows if task.margin is None else rows_of_margin(rows, task.margin)
+
+
 def _sorted(tables: list[pa.Table], column: str) -> pa.Table:
-    """The rows of consecutive sources, sorted by the spatial index (a stable sort)."""
+    """The rows of consecutive sources, sorted by the spatial index (a stable sort: keeping one
+    margin's rows of the sorted rows gives that margin's rows sorted, in the same order)."""
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
     return table.sort_by(column)
