@@ -180,7 +180,10 @@ def main(argv: list[str]) -> int:
             result = pipeline_with_client(args, client)
     else:
         result = pipeline(args)
-    payload = {"total_rows": result.total_rows, "pixels": result.pixels, "skipped": result.skipped_tasks}
+    margins = getattr(result, "margins", [result])  # several thresholds: one result per margin
+    payload = {"total_rows": [m.total_rows for m in margins], "skipped": margins[0].skipped_tasks}
+    if len(margins) == 1:
+        payload = {"total_rows": result.total_rows, "pixels": result.pixels, "skipped": result.skipped_tasks}
     print("RESULT " + json.dumps(payload), flush=True)
     return 0
 
