@@ -22,9 +22,9 @@ from hats_margin.units import extreme_threshold_message, short_angle, threshold_
 
 DEFAULT_THRESHOLD_ARCSEC = 5.0
 MAX_NAME_BYTES = 255
+"""Longest file name (bytes) that common file systems and object-store keys' path parts allow."""
 MAX_MARGINS_PER_READ = 64
 """Most thresholds one read builds: the shard marks each row's margins in one 64-bit integer."""
-"""Longest file name (bytes) that common file systems and object-store keys' path parts allow."""
 # matched with fullmatch (``$`` would accept a trailing newline)
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
 _SUFFIX_PATTERN = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9._\-]*")

@@ -558,8 +558,8 @@ class ShardWriters:
     """The single Arrow IPC shard of one batch of map tasks, whatever the number of tasks and
     destinations: O(batches) intermediate files, never O(map tasks) or O(source x destination).
 
-    Keys are ``(source order, source pixel, *destination)``, the destination being ``(order,
-    pixel)``, or ``(margin, order, pixel)`` when several margins are built from one read. Rows are
+    Keys are ``(source order, source pixel, destination order, destination pixel)`` (with several
+    margins from one read, a row's margins are a column of its own: :data:`MARGINS_COLUMN`). Rows are
     buffered per key and written, key after key, as record batches; ``index[source][destination]``
     says which batches hold them (recorded in the batch's done marker), so a reduce task reads
     only its own batches (random access in the IPC file format). The buffer is flushed whenever it
@@ -587,7 +587,7 @@ class ShardWriters:
         return SourceShard(self, (int(source[0]), int(source[1])))
 
     def write(self, key: tuple[int, ...], table: pa.Table, nbytes: int | None = None):
-        """Send ``table`` (rows of the catalog schema) to ``key``: (source order, source pixel,
+        """Send ``table`` (rows of the shard's schema) to ``key``: (source order, source pixel,
         *destination). ``nbytes``: its size if the caller knows it (``table.nbytes`` walks every
         column: ~0.3 ms on 110 columns, more than the rest of a write); else the size of the
         buffers it uses, an upper bound (a slice counts its parent's)."""
@@ -671,8 +671,8 @@ class SourceShard:
     destination, with the margins it is in: see :data:`MARGINS_COLUMN`)."""
 
     def write(self, dest: tuple[int, ...], table: pa.Table, nbytes: int | None = None):
-        """Send ``table`` to destination ``dest`` (``(order, pixel)`` or ``(margin, order, pixel)``);
-        ``nbytes``: its size, if known (see :meth:`ShardWriters.write`)."""
+        """Send ``table`` to destination ``dest`` (``(order, pixel)``); ``nbytes``: its size, if
+        known (see :meth:`ShardWriters.write`)."""
         self.shard.write((*self.source, *dest), table, nbytes)
 
     @property
