@@ -342,14 +342,15 @@ def _select_and_send(task: MapTask, dests, row_group: _RowGroup, path, writers, 
             _float_array(taken.column(task.dec_column).take(pa.array(first))),
             spatial_index[selected], None, positions=selected,
         )
+    sent_to = dest_idx[union]
     if task.margin_thresholds:
         in_margins = within[:, union]
         taken = taken.append_column(
             pa.field(MARGINS_COLUMN, margin_bits_type(len(in_margins)), nullable=False),
             pa.array(_margin_bits(in_margins)),
         )
-        _count_margin_rows(writers, in_margins, dests, dest_idx[union])
-    _send(writers, taken, dests, dest_idx[union])
+        _count_margin_rows(writers, in_margins, dests, sent_to)
+    _send(writers, taken, dests, sent_to)
     return no_position
 
 

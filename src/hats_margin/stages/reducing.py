@@ -68,6 +68,11 @@ class ReduceTask:
     """Several margins from one read: this margin's index. The shards' record batches hold the rows
     of every margin, each row marked with its margins (``io.MARGINS_COLUMN``); the task keeps its own."""
 
+    @property
+    def shards(self) -> TempLayout:
+        """Where this task's shards are."""
+        return self.shard_layout or self.layout
+
 
 def weight(task: ReduceTask) -> int:
     """A reduce task's expected cost for ordering batches: its rows, plus 1,000 for the file (a small
@@ -153,13 +158,13 @@ class PixelRows:
 
     def get(self, task: ReduceTask) -> pa.Table | None:
         """The rows kept, if they are of ``task``'s pixel and hold every source it reads."""
-        if task.margin is None or self._key != (task.pixel, str((task.shard_layout or task.layout).base)):
+        if task.margin is None or self._key != (task.pixel, str(task.shards.base)):
             return None
         return self._rows if self._sources.issuperset(task.sources) else None
 
     def keep(self, task: ReduceTask, rows: pa.Table | None):
         """Keep ``rows``: every row of ``task``'s sources, sorted (None: keep nothing)."""
-        self._key = None if rows is None else (task.pixel, str((task.shard_layout or task.layout).base))
+        self._key = None if rows is None else (task.pixel, str(task.shards.base))
         self._sources, self._rows = (frozenset(), None) if rows is None else (frozenset(task.sources), rows)
 
 
@@ -213,10 +218,9 @@ def _copy_sorted(task: ReduceTask, readers: ShardReaders, writer: MarginFileWrit
         return
     if shared is not None:
         shared.keep(task, None)  # another pixel: its rows are not kept beside this one's
-    shards = task.shard_layout or task.layout
     group, group_bytes, groups = [], 0, 0
     for _, _, batch, batches in task.sources:
-        table = readers.read(shards, batch, batches)
+        table = readers.read(task.shards, batch, batches)
         group.append(table)
         group_bytes += table.get_total_buffer_size()  # its own buffers: nbytes, 30x cheaper
         if group_bytes >= SORT_GROUP_BYTES:
