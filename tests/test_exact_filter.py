@@ -101,9 +101,9 @@ def test_pairs_within_threshold_equals_the_row_by_row_test_and_decides_cells_who
 
     def counting(ra_deg, *args, **kwargs):
         tested.append(len(ra_deg))
-        return pixel_distance.within_thresholds_of_pixel(ra_deg, *args, **kwargs)
+        return pixel_distance.within_thresholds_of_pixels(ra_deg, *args, **kwargs)
 
-    monkeypatch.setattr(exact_filter, "within_thresholds_of_pixel", counting)
+    monkeypatch.setattr(exact_filter, "within_thresholds_of_pixels", counting)
     keep = exact_filter.pairs_within_threshold(ra, dec, index, 29, dest_order, rows, dest_idx, dests, thr)
     assert np.array_equal(keep, row_by_row)
     assert 0 < row_by_row.sum() < len(rows)
@@ -208,7 +208,7 @@ def test_polyline_bracket_spares_the_branch_and_bound_and_changes_no_answer(orde
 def test_pairs_within_thresholds_equals_one_call_per_threshold(dest_order, dest_pixel, thresholds, monkeypatch):
     """Several thresholds in one pass, on rows dense enough to be decided by cells (at the
     largest threshold's order): row k is pairs_within_threshold at thresholds[k], and the rows
-    a cell leaves undecided for some threshold are tested for all in one call per destination."""
+    a cell leaves undecided for some threshold are tested for all in one call."""
     top = max(thresholds)
     neighbours = cds.neighbours(np.array([dest_pixel], dtype=np.uint64), dest_order)[0]
     source = int(neighbours[neighbours >= 0][0])
@@ -223,9 +223,9 @@ def test_pairs_within_thresholds_equals_one_call_per_threshold(dest_order, dest_
         for t in thresholds
     ]
     calls = []
-    real = pixel_distance.within_thresholds_of_pixel
+    real = pixel_distance.within_thresholds_of_pixels
     monkeypatch.setattr(
-        exact_filter, "within_thresholds_of_pixel", lambda *a, **kw: calls.append(len(a[0])) or real(*a, **kw)
+        exact_filter, "within_thresholds_of_pixels", lambda *a, **kw: calls.append(len(a[0])) or real(*a, **kw)
     )
     several = exact_filter.pairs_within_thresholds(ra, dec, index, 29, dest_order, rows, dest_idx, dests, thresholds)
     assert several.shape == (len(thresholds), len(rows))

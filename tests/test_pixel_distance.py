@@ -20,6 +20,7 @@ from hats.pixel_math.healpix_shim import order2mindist
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from hats_margin import pixel_distance
 from hats_margin.geometry import ring_reach_arcsec
 from hats_margin.pixel_distance import (
     _PixelGeometry,
@@ -824,3 +825,108 @@ def test_segment_chords_in_place_equal_the_plain_formula_bit_for_bit(segments_pe
     got = _segment_chords(*points, *segments)
     assert got.shape == (n, s) and np.array_equal(got, expected)
     assert all(np.array_equal(a, b) for a, b in zip(points + segments, copies))
+
+
+# ------------------------------------------------------------------------------------------
+# Many pixels in one pass (within_thresholds_of_pixels, distance_bounds_to_pixels_arcsec)
+# ------------------------------------------------------------------------------------------
+def _points_beside_many_pixels(seed, per_pixel=300):
+    """(ra, dec, dest, orders, pixels): points outside their own pixel, near it, for pixels of
+    orders 0-12 (polar, equatorial, base-pixel corners, the pole, RA 0), dest shuffled."""
+    rng = np.random.default_rng(seed)
+    pixels = [(0, 4), (1, 0), (2, 100), (3, 300), (5, 1000), (8, 600000), (12, 12 * 4**12 - 1),
+              (3, nested_index(3, 7, 7, 3)), (4, int(_cell_at(1e-9, 1e-3, 4)))]
+    ra, dec, dest = [], [], []
+    for k, (order, pixel) in enumerate(pixels):
+        lon, lat = cds.vertices(np.array([pixel], dtype=np.uint64), order, step=64)
+        at = rng.integers(0, lon.shape[1], per_pixel)
+        reach = min(pixel_size_deg(order), 1.0)
+        for i in at:
+            ra.append(0.0)
+            ra[-1], d = offset_point(float(lon.deg[0, i]), float(lat.deg[0, i]), reach * rng.uniform(0, 0.3), rng.uniform(0, 360))
+            dec.append(d)
+            dest.append(k)
+    ra, dec, dest = np.array(ra), np.array(dec), np.array(dest)
+    orders, pix = (np.array(c) for c in zip(*pixels))
+    outside = np.array([not _inside_cds(r, d, int(orders[k]), int(pix[k]))[0] for r, d, k in zip(ra, dec, dest)])
+    shuffle = rng.permutation(int(outside.sum()))
+    return ra[outside][shuffle], dec[outside][shuffle], dest[outside][shuffle], orders, pix
+
+
+def test_many_pixels_in_one_pass_equal_one_call_per_pixel():
+    """Each point against its own pixel in one call: the same mask as within_thresholds_of_pixel
+    per pixel (known_outside), for thresholds that leave points to the branch and bound, and the
+    distance test away from the rounding band."""
+    ra, dec, dest, orders, pixels = _points_beside_many_pixels(3)
+    d = np.empty(ra.size)
+    for k in range(len(orders)):
+        mine = dest == k
+        d[mine] = distance_to_pixel_arcsec(ra[mine], dec[mine], int(orders[k]), int(pixels[k]))
+    # thresholds at some points' own distances (+- 1e-6: the branch and bound decides them)
+    near = [float(t) * f for t in d[:: max(1, ra.size // 6)] for f in (1 + 1e-6, 1 - 1e-6)]
+    thresholds = [3600.0, 60.0, 5.0, 0.0, *near, np.inf, -1.0]
+    many = pixel_distance.within_thresholds_of_pixels(ra, dec, dest, orders, pixels, thresholds)
+    assert many.shape == (len(thresholds), ra.size)
+    for k in range(len(orders)):
+        mine = np.flatnonzero(dest == k)
+        one = within_thresholds_of_pixel(ra[mine], dec[mine], int(orders[k]), int(pixels[k]), thresholds, known_outside=True)
+        np.testing.assert_array_equal(many[:, mine], one, err_msg=str((orders[k], pixels[k])))
+    for k, thr in enumerate(thresholds):
+        clear = np.abs(d - thr) > 2 * (ABS_TOL + REL_TOL * min(abs(thr), 1e300))
+        np.testing.assert_array_equal(many[k][clear], (d <= thr)[clear], err_msg=str(thr))
+    assert all(0 < many[k].sum() < ra.size for k in (1, 2))
+
+
+def test_many_pixels_on_adversarial_points_match_the_brute_force():
+    """Poles, three-face vertices, equator corners and RA 0/360, all pixels in one call: the
+    decisions at each point's brute-force distance * (1 +- 1e-6)."""
+    cases = [c for c in _SPECIAL if not _inside_cds(c[3], c[4], c[1], c[2])[0]][::3]
+    keys = sorted({(order, pixel) for _, order, pixel, _, _ in cases})
+    orders, pixels = (np.array(c) for c in zip(*keys))
+    ra = np.array([c[3] for c in cases])
+    dec = np.array([c[4] for c in cases])
+    dest = np.array([keys.index((c[1], c[2])) for c in cases])
+    truths = np.array([brute_force_distance(c[3], c[4], c[1], c[2])[0] for c in cases])
+    assert np.all(truths >= 0) and np.any(truths > 3600)
+    above = pixel_distance.within_thresholds_of_pixels(ra, dec, dest, orders, pixels, [])
+    assert above.shape == (0, ra.size)
+    for i in range(ra.size):
+        thr = [truths[i] * (1 + 1e-6), truths[i] * (1 - 1e-6)] if truths[i] >= 1e-3 else [truths[i] + 3e-9]
+        got = pixel_distance.within_thresholds_of_pixels(ra, dec, dest, orders, pixels, thr)[:, i]
+        assert got[0] and (len(thr) == 1 or not got[1]), cases[i]
+
+
+def test_many_pixels_arguments():
+    with pytest.raises(ValueError, match="dest has 1 entries for 2 points"):
+        pixel_distance.within_thresholds_of_pixels([1.0, 2.0], [0.0, 0.0], [0], [3], [300], [5.0])
+    with pytest.raises(ValueError, match="NaN"):
+        pixel_distance.within_thresholds_of_pixels([1.0], [0.0], [0], [3], [300], [float("nan")])
+    with pytest.raises(ValueError, match="out of range"):
+        pixel_distance.within_thresholds_of_pixels([1.0], [0.0], [0], [3], [10**6], [5.0])
+    got = pixel_distance.within_thresholds_of_pixels([np.nan, 12.0], [0.0, 1.0], [0, 0], [3], [300], [1e9])
+    assert got.tolist() == [[False, True]]
+    lower, upper = pixel_distance.distance_bounds_to_pixels_arcsec([], [], [], [3], [300], 10.0)
+    assert lower.size == upper.size == 0
+
+
+@pytest.mark.parametrize("resolution", [1.0, 60.0, 3600.0])
+def test_distance_bounds_bracket_the_distance_and_are_narrow(resolution):
+    """The polyline bracket of many pixels' distances holds the exact distance (the module's own,
+    itself checked against the brute force above, and the brute force on a sample) and is about
+    a 32nd of the resolution wide (the finest polyline's allowance at most)."""
+    ra, dec, dest, orders, pixels = _points_beside_many_pixels(11, per_pixel=120)
+    lower, upper = pixel_distance.distance_bounds_to_pixels_arcsec(ra, dec, dest, orders, pixels, resolution)
+    d = np.empty(ra.size)
+    for k in range(len(orders)):
+        mine = dest == k
+        d[mine] = distance_to_pixel_arcsec(ra[mine], dec[mine], int(orders[k]), int(pixels[k]))
+    tol = ABS_TOL + REL_TOL * d
+    assert np.all(lower <= d + tol) and np.all(d <= upper + tol)
+    for i in range(0, ra.size, 97):
+        truth, _, _ = brute_force_distance(ra[i], dec[i], int(orders[dest[i]]), int(pixels[dest[i]]))
+        assert lower[i] - tol[i] <= truth <= upper[i] + tol[i]
+    # the finest polyline (64 fine chords per coarse one) bounds how narrow a coarse pixel gets
+    finest = np.array([
+        pixel_distance._solver_for(int(o), int(p)).polyline(0.0).fine_stack[7].max() for o, p in zip(orders, pixels)
+    ]) * 2 * ARCSEC
+    assert np.all(upper - lower <= np.maximum(resolution / 16, 2.2 * finest[dest]))
