@@ -458,30 +458,32 @@ class _Polyline:
         t = np.arange(per_edge + 1, dtype=np.float64) / per_edge
         # every node of every edge evaluated once; both levels' chords join some of them
         nodes = [c.reshape(4, per_edge + 1) for c in geom.evaluate(np.repeat(np.arange(4), per_edge + 1), np.tile(t, 4))]
-        edge = np.repeat(np.arange(4), per_edge)
-        t_lo, t_hi = np.tile(t[:-1], 4), np.tile(t[1:], 4)
-        lo = [c[:, :-1].ravel() for c in nodes]
-        hi = [c[:, 1:].ravel() for c in nodes]
-        d = [b - a for a, b in zip(lo, hi)]
-        len2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
-        inv = np.where(len2 > 0, 1.0 / np.where(len2 > 0, len2, 1.0), 0.0)
-        eps = geom.curvature_bound(edge, t_lo, t_hi) * (t_hi - t_lo) ** 2 * 0.125 * (1 + 1e-12) + _SLACK
-        shape = (4 * _POLY_COARSE, fine)
         # (8, pieces, fine): gathered by piece for points of many pixels at once
-        self.fine_stack = np.stack([c.reshape(shape) for c in (*lo, *d, inv, eps)])
+        self.fine_stack = self._chords(geom, nodes, t, 1).reshape(8, 4 * _POLY_COARSE, fine)
         self.fine_parts = list(self.fine_stack)
-        # coarse pieces: chords between every fine-th point
-        c_lo_t = np.tile(t[:-1:fine], 4)
-        c_hi_t = np.tile(t[fine::fine], 4)
-        c_edge = np.repeat(np.arange(4), _POLY_COARSE)
-        lo = [c[:, :-1:fine].ravel() for c in nodes]
-        hi = [c[:, fine::fine].ravel() for c in nodes]
-        d = [b - a for a, b in zip(lo, hi)]
-        len2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
-        inv = np.where(len2 > 0, 1.0 / np.where(len2 > 0, len2, 1.0), 0.0)
-        eps = geom.curvature_bound(c_edge, c_lo_t, c_hi_t) * (c_hi_t - c_lo_t) ** 2 * 0.125 * (1 + 1e-12) + _SLACK
-        self.coarse_stack = np.stack((*lo, *d, inv, eps))  # (8, pieces)
+        self.coarse_stack = self._chords(geom, nodes, t, fine)  # chords between every fine-th node
         self.coarse_parts = tuple(self.coarse_stack)
+
+    @staticmethod
+    def _chords(geom: _PixelGeometry, nodes, t, every: int) -> np.ndarray:
+        """(8, 4 x chords per edge): start point (3), direction (3), 1 / |direction|^2 and the
+        allowance ``M h^2 / 8`` of the chords joining every ``every``-th node of each edge,
+        written into one array (a polyline is built for each destination a map worker meets)."""
+        t_lo, t_hi = t[:-1:every], t[every::every]
+        out = np.empty((8, 4, t_lo.size))
+        for k, c in enumerate(nodes):
+            out[k] = c[:, :-1:every]
+            np.subtract(c[:, every::every], out[k], out=out[3 + k])
+        dx, dy, dz = out[3], out[4], out[5]
+        len2 = dx * dx + dy * dy + dz * dz
+        out[6] = np.where(len2 > 0, 1.0 / np.where(len2 > 0, len2, 1.0), 0.0)
+        if geom.uniform_zone == _ZONE_EQ:  # one bound for the whole pixel
+            m = geom.curvature_bound(np.zeros(1, dtype=np.int64), t_lo[:1], t_hi[:1])
+        else:
+            edge = np.repeat(np.arange(4), t_lo.size)
+            m = geom.curvature_bound(edge, np.tile(t_lo, 4), np.tile(t_hi, 4)).reshape(4, t_lo.size)
+        out[7] = m * (t_hi - t_lo) ** 2 * 0.125 * (1 + 1e-12) + _SLACK
+        return out.reshape(8, -1)
 
     def bracket(self, px, py, pz, chord_in, chord_out):
         """(surely_in, surely_out) for points outside the pixel: their chord to the boundary is
@@ -569,21 +571,17 @@ class _Solver:
         # distance is computed exactly, which also avoids the one flat case of the branch
         # and bound (points 90 deg from the meridian plane are equidistant from all of it).
         self.meridians = []
-        for e in range(4):
-            if geom.zone[e] != _ZONE_EQ and geom.a[e] == 0.0:
-                ex_, ey_, ez_ = geom.evaluate(np.array([e, e]), np.array([0.0, 1.0]))
-                mx, my, _ = geom.evaluate(np.array([e]), np.array([0.5]))
-                rm = float(np.hypot(mx[0], my[0]))
-                theta = np.arctan2(ez_, np.hypot(ex_, ey_))
-                ends = (ex_, ey_, ez_)
-                self.meridians.append(
-                    (float(mx[0]) / rm, float(my[0]) / rm, float(theta.min()), float(theta.max()), ends)
-                )
+        meridian_edges = [e for e in range(4) if geom.zone[e] != _ZONE_EQ and geom.a[e] == 0.0]
+        for e in meridian_edges:
+            ex_, ey_, ez_ = geom.evaluate(np.array([e, e]), np.array([0.0, 1.0]))
+            mx, my, _ = geom.evaluate(np.array([e]), np.array([0.5]))
+            rm = float(np.hypot(mx[0], my[0]))
+            theta = np.arctan2(ez_, np.hypot(ex_, ey_))
+            ends = (ex_, ey_, ez_)
+            self.meridians.append((float(mx[0]) / rm, float(my[0]) / rm, float(theta.min()), float(theta.max()), ends))
         self.polylines: dict[int, _Polyline] = {}
-        self.max_curvature = float(np.max(geom.curvature_bound(self.c_edge, self.c_lo, self.c_hi)))
-        self.c_skip = np.isin(
-            self.c_edge, [e for e in range(4) if geom.zone[e] != _ZONE_EQ and geom.a[e] == 0.0]
-        )
+        self.max_curvature = float(2.0 * np.max(self.c_half_m))  # the segments' curvature bound
+        self.c_skip = np.isin(self.c_edge, meridian_edges) if meridian_edges else np.zeros(self.c_edge.size, dtype=bool)
 
     def polyline(self, thr: float) -> _Polyline:
         """The polyline bracket fine enough for threshold ``thr`` (radians): fine allowances
