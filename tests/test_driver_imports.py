@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,6 +16,7 @@ from hats.io.file_io.file_io import get_parquet_write_table_kwargs
 from hats.io.validation import is_valid_catalog
 from upath import UPath
 
+import hats_margin
 from hats_margin import MarginCacheArguments, pipeline
 from hats_margin.io import hats_write_kwargs, margin_write_kwargs
 from hats_margin.properties import (
@@ -30,13 +32,18 @@ HEAVY = ("hats", "mocpy", "matplotlib", "nested_pandas", "tqdm", "astropy")  # t
 def test_demo_command_never_imports_hats(tmp_path):
     """The whole ``hats-margin demo``, first and repeated (overwrite of its own margin): planning,
     in-process mapping and reducing, finishing. Nor astropy: cdshealpix's core is called
-    directly (hats_margin.healpix)."""
+    directly (hats_margin.healpix). Nor pandas, which pyarrow imports on its first conversion to
+    or from numpy (~0.4 s): a coarse build and three margins from one read neither."""
+    sample = str(Path(hats_margin.__file__).parent / "data" / "small_sky_source_catalog")
     code = textwrap.dedent(f"""
         import sys
         from hats_margin import cli
         first = cli.main(["demo", {str(tmp_path / 'out')!r}, "--no-progress"])
         again = cli.main(["demo", {str(tmp_path / 'out')!r}, "--no-progress"])  # replaces the first one
-        print(first + again, sorted(m for m in {HEAVY!r} if m in sys.modules))
+        coarse = cli.main(["build", {sample!r}, {str(tmp_path / 'coarse')!r}, "--coarse", "--no-progress"])
+        three = cli.main(["build", {sample!r}, {str(tmp_path / 'three')!r}, "--no-progress",
+                          "--threshold", "5", "--threshold", "10", "--threshold", "60"])
+        print(first + again + coarse + three, sorted(m for m in {(*HEAVY, "pandas")!r} if m in sys.modules))
     """)
     run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert run.stdout.strip().splitlines()[-1] == "0 []", run.stdout + run.stderr

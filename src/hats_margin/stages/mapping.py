@@ -31,11 +31,13 @@ from hats_margin.io import (
     ShardWriters,
     SourceShard,
     TempLayout,
+    arrow_of,
     check_file_schema,
     conform,
     leaf_files,
     leaf_path,
     margin_bits_type,
+    numpy_of,
     open_parquet,
     read_row_group,
     shard_schema,
@@ -272,9 +274,9 @@ class _RowGroup:
         """The given rows (in that order) with every column of the catalog schema. A large row
         group is decoded a group of columns at a time, each group dropped once its rows are taken."""
         if not self.large:
-            return self.table().take(pa.array(rows))
+            return self.table().take(arrow_of(rows))
         self.settle()
-        indices = pa.array(rows)
+        indices = arrow_of(rows)
         names = self.task.schema.names
         taken = {name: column.take(indices) for name, column in self.columns.items()}
         self.columns.clear()  # the taken rows are all that is kept of these columns
@@ -301,7 +303,7 @@ def _select_and_send(task: MapTask, dests, row_group: _RowGroup, path, writers, 
     index = row_group.columns[task.healpix_column]
     if index.null_count:
         raise InputCatalogError(f"{path}: the spatial index column {task.healpix_column!r} has null values")
-    spatial_index = index.to_numpy().astype(np.int64, copy=False)
+    spatial_index = numpy_of(index).astype(np.int64, copy=False)
     _check_rows_in_partition(task, path, spatial_index)
     ra = dec = None
     no_position = 0
@@ -338,8 +340,8 @@ def _select_and_send(task: MapTask, dests, row_group: _RowGroup, path, writers, 
     if ra is None:  # coarse mode: check the selected rows' ra/dec, in the rows just taken
         selected, first = np.unique(rows, return_index=True)
         no_position = _check_coordinates(
-            task, path, first_row, _float_array(taken.column(task.ra_column).take(pa.array(first))),
-            _float_array(taken.column(task.dec_column).take(pa.array(first))),
+            task, path, first_row, _float_array(taken.column(task.ra_column).take(arrow_of(first))),
+            _float_array(taken.column(task.dec_column).take(arrow_of(first))),
             spatial_index[selected], None, positions=selected,
         )
     sent_to = dest_idx[union]
@@ -347,7 +349,7 @@ def _select_and_send(task: MapTask, dests, row_group: _RowGroup, path, writers, 
         in_margins = within[:, union]
         taken = taken.append_column(
             pa.field(MARGINS_COLUMN, margin_bits_type(len(in_margins)), nullable=False),
-            pa.array(_margin_bits(in_margins)),
+            arrow_of(_margin_bits(in_margins)),
         )
         _count_margin_rows(writers, in_margins, dests, sent_to)
     _send(writers, taken, dests, sent_to)
@@ -395,6 +397,8 @@ def _float_array(column) -> np.ndarray:
     """A numeric column as float64, nulls as NaN; a column that is not numeric is refused."""
     if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_decimal(column.type)):
         raise InputCatalogError(f"the ra/dec column is {column.type}, not a number of degrees")
+    if column.null_count == 0 and pa.types.is_floating(column.type):  # without pyarrow's numpy conversion
+        return numpy_of(column).astype(np.float64, copy=False)
     return np.asarray(column.cast(pa.float64()).fill_null(np.nan).to_numpy(), dtype=np.float64)
 
 
