@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 
 from hats_margin.errors import InputCatalogError
+from hats_margin.io import arrow_of, numpy_of
 from hats_margin.verify.catalogs import conform, read_parquet
 from hats_margin.verify.compare import Recorder
 from hats_margin.verify.hashing import row_hashes
@@ -95,10 +96,10 @@ class BatchCheck:
             n = table.num_rows
             keys.add(
                 np.full(n, tile),
-                table.column(self.primary.healpix_column).fill_null(-1).to_numpy(),
+                _index_of(table.column(self.primary.healpix_column)),
                 row_hashes(table),
-                ra=table.column(self.primary.ra_column).to_numpy(zero_copy_only=False).astype(np.float64),
-                dec=table.column(self.primary.dec_column).to_numpy(zero_copy_only=False).astype(np.float64),
+                ra=numpy_of(table.column(self.primary.ra_column)).astype(np.float64),
+                dec=numpy_of(table.column(self.primary.dec_column)).astype(np.float64),
                 row=np.arange(n, dtype=np.int64),
             )
         return keys.arrays()
@@ -120,9 +121,9 @@ class BatchCheck:
         hcol = table.column(self.primary.healpix_column)
         if hcol.null_count:
             raise InputCatalogError(f"primary partition {s_order}/{s_pixel}: null spatial index values")
-        spidx = hcol.to_numpy().astype(np.int64, copy=False)
-        ra = table.column(self.primary.ra_column).to_numpy(zero_copy_only=False).astype(np.float64)
-        dec = table.column(self.primary.dec_column).to_numpy(zero_copy_only=False).astype(np.float64)
+        spidx = numpy_of(hcol).astype(np.int64, copy=False)
+        ra = numpy_of(table.column(self.primary.ra_column)).astype(np.float64)
+        dec = numpy_of(table.column(self.primary.dec_column)).astype(np.float64)
         own = self.tiles.containing(spidx << self.shift_index)
         outside = int((own != source).sum())
         if outside:
@@ -145,7 +146,7 @@ class BatchCheck:
         need = np.unique(np.concatenate([exp_rows, matched_rows]))
         hashes = np.zeros(n, dtype=np.uint64)
         if len(need):
-            hashes[need] = row_hashes(table.take(pa.array(need)))
+            hashes[need] = row_hashes(table.take(arrow_of(need)))
         if len(matched_rows):  # several rows may share a spatial index: set flags, never overwrite them
             known_source[matched_margin] = source
             primary_has[matched_margin[hashes[matched_rows] == margin["hash"][matched_margin]]] = True
@@ -166,3 +167,8 @@ class BatchCheck:
         if message not in self.report.warnings:
             self.report.warnings.append(message)
 
+
+def _index_of(column) -> np.ndarray:
+    """A margin file's spatial index values, nulls as -1 (pyarrow's own conversion, which imports
+    pandas, only when there are nulls)."""
+    return numpy_of(column) if column.null_count == 0 else column.fill_null(-1).to_numpy()
