@@ -13,10 +13,12 @@ intermediate files.
 
 from __future__ import annotations
 
+import shutil
+import signal
 import time
 
 import pytest
-from harness import Run, assert_same_margin, finish, kill_group, random_delays, spawn
+from harness import Run, assert_same_margin, exists, finish, kill_group, random_delays, spawn, wait_for
 from hats.io.validation import is_valid_catalog
 
 from hats_margin import pipeline_with_client
@@ -42,8 +44,21 @@ def _kill_and_resume(client, singles, source, tmp_path, *, die_at=None, delay=No
               extra={"margin_threshold": THRESHOLDS, "output_artifact_name": NAMES})
     proc = spawn(run, tmp_path / "run.log", threads=True, die_at=die_at)
     if delay is not None:
-        time.sleep(delay)
-        kill_group(proc)
+        # a random moment once the run has started its work (its first margin's lock exists); a
+        # run that had finished (released its locks) is no kill point: start over with half the delay
+        lock = run.output_path / NAMES[0] / ".hats-margin.lock"
+        for _ in range(6):
+            wait_for(proc, exists(lock))
+            time.sleep(delay)
+            kill_group(proc)
+            finished = proc.returncode != -signal.SIGKILL or not lock.exists()
+            if not finished:
+                break
+            for name in NAMES:
+                shutil.rmtree(run.output_path / name, ignore_errors=True)
+            delay /= 2
+            proc = spawn(run, tmp_path / "run.log", threads=True)
+        assert not finished, "could not kill the run before it ended"
         finish(proc)
     else:
         finish(proc, killed=True)
