@@ -503,35 +503,7 @@ class _Polyline:
         the pieces that may hold a point nearer than both the best upper bound and
         ``chord_out[0]``). The fine level runs for the points that no coarse bound decides
         against every threshold."""
-        ax, ay, az, dx, dy, dz, inv, eps = self.coarse_parts
-        chord = _segment_chords(px[:, None], py[:, None], pz[:, None], ax, ay, az, dx, dy, dz, inv)
-        upper = (chord + eps).min(axis=1)
-        low = chord - eps
-        lower = low.min(axis=1)
-        if self.fine == 1:
-            return upper, lower
-        decided = (upper[:, None] <= chord_in) | (lower[:, None] > chord_out)
-        open_ = ~decided.all(axis=1)
-        # fine level, only on the coarse pieces that may hold a point nearer than both the best
-        # upper bound and the largest threshold
-        cut = np.minimum(upper, chord_out[0])[:, None]
-        point, piece = np.nonzero((low <= cut) & open_[:, None])
-        if point.size == 0:
-            return upper, lower
-        pair_upper = np.empty(point.size)
-        pair_lower = np.empty(point.size)
-        step = max(1, _CHUNK_ENTRIES // self.fine)
-        for lo in range(0, point.size, step):
-            pt, pc = point[lo : lo + step], piece[lo : lo + step]
-            fx, fy, fz, fdx, fdy, fdz, finv, feps = (c[pc] for c in self.fine_parts)
-            chord = _segment_chords(px[pt, None], py[pt, None], pz[pt, None], fx, fy, fz, fdx, fdy, fdz, finv)
-            pair_upper[lo : lo + step] = (chord + feps).min(axis=1)
-            pair_lower[lo : lo + step] = (chord - feps).min(axis=1)
-        starts = np.flatnonzero(np.r_[True, point[1:] != point[:-1]])
-        owners = point[starts]
-        upper[owners] = np.minimum(upper[owners], np.minimum.reduceat(pair_upper, starts))
-        lower[owners] = np.maximum(lower[owners], np.minimum.reduceat(pair_lower, starts))
-        return upper, lower
+        return _many_bounds(px, py, pz, np.zeros(len(px), dtype=np.intp), [self], chord_in, chord_out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1091,10 +1063,13 @@ def _runs_of(keys):
 
 
 def _many_bounds(px, py, pz, dest, polys, chord_in, chord_out):
-    """``_Polyline.bounds`` for points of many pixels: point ``i`` against ``polys[dest[i]]``,
-    point for point the same bounds."""
-    coarse = np.stack([p.coarse_stack for p in polys], axis=1)  # (8, pixels, pieces)
-    ax, ay, az, dx, dy, dz, inv, eps = coarse[:, dest]
+    """``_Polyline.bounds`` for points of many pixels: point ``i`` against ``polys[dest[i]]``
+    (the one computation of both)."""
+    if len(polys) == 1:  # one pixel: its chords broadcast against every point
+        ax, ay, az, dx, dy, dz, inv, eps = polys[0].coarse_parts
+    else:
+        coarse = np.stack([p.coarse_stack for p in polys], axis=1)  # (8, pixels, pieces)
+        ax, ay, az, dx, dy, dz, inv, eps = coarse[:, dest]
     chord = _segment_chords(px[:, None], py[:, None], pz[:, None], ax, ay, az, dx, dy, dz, inv)
     upper = (chord + eps).min(axis=1)
     low = chord - eps
