@@ -932,28 +932,8 @@ def _decide(solver, polys, thr, chord_in, chord_out, px, py, pz, pending, result
     refinement's bounds certify the decisions of its threshold and of the smaller ones only
     (``_Polyline.bounds``), which are the ones decided after it.
     """
-    upper, lower = polys[0].bounds(px, py, pz, chord_in, chord_out)
-    fine = np.full(px.shape, polys[0].fine)  # the finest polyline each point was bracketed with
-    rest, rest_thr = [], []
-    for k in range(thr.size):
-        open_ = pending[k] & ~(upper <= chord_in[k]) & ~(lower > chord_out[k])
-        coarser = open_ & (fine < polys[k].fine)
-        if np.any(coarser):
-            sub = np.nonzero(coarser)[0]
-            up, low = polys[k].bounds(px[sub], py[sub], pz[sub], chord_in[k:], chord_out[k:])
-            upper[sub] = np.minimum(upper[sub], up)
-            lower[sub] = np.maximum(lower[sub], low)
-            fine[sub] = polys[k].fine
-            open_ = pending[k] & ~(upper <= chord_in[k]) & ~(lower > chord_out[k])
-        result[k, where[pending[k] & (upper <= chord_in[k])]] = True
-        rest.append(np.nonzero(open_)[0])
-        rest_thr.append(np.full(rest[-1].size, thr[k]))
-    # one branch and bound for every (point, threshold) left, each with its own threshold
-    points = np.concatenate(rest)
-    if points.size:
-        _, decided = solver.solve(px[points], py[points], pz[points], thr=np.concatenate(rest_thr))
-        which = np.repeat(np.arange(thr.size), [r.size for r in rest])
-        result[which[decided], where[points[decided]]] = True
+    _decide_many([solver], [[poly] for poly in polys], thr, chord_in, chord_out, px, py, pz,
+                 np.zeros(px.size, dtype=np.intp), pending, result, where)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1102,8 +1082,8 @@ def _many_bounds(px, py, pz, dest, polys, chord_in, chord_out):
 
 def _decide_many(solvers, polys, thr, chord_in, chord_out, px, py, pz, dest, pending, result, where):
     """``_decide`` for points of many pixels (point ``i`` against ``solvers[dest[i]]``,
-    ``polys[k][dest[i]]`` its polyline for ``thr[k]``): the same decisions, the brackets in one
-    pass, the branch and bound pixel by pixel."""
+    ``polys[k][dest[i]]`` its polyline for ``thr[k]``; the one computation of both): the brackets
+    in one pass, the branch and bound pixel by pixel."""
     upper, lower = _many_bounds(px, py, pz, dest, polys[0], chord_in, chord_out)
     fines = [np.array([p.fine for p in polys_k]) for polys_k in polys]
     fine = fines[0][dest]  # the finest polyline each point was bracketed with
