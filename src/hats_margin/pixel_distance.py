@@ -460,7 +460,6 @@ class _Polyline:
         nodes = [c.reshape(4, per_edge + 1) for c in geom.evaluate(np.repeat(np.arange(4), per_edge + 1), np.tile(t, 4))]
         # (8, pieces, fine): gathered by piece for points of many pixels at once
         self.fine_stack = self._chords(geom, nodes, t, 1).reshape(8, 4 * _POLY_COARSE, fine)
-        self.fine_parts = list(self.fine_stack)
         self.coarse_stack = self._chords(geom, nodes, t, fine)  # chords between every fine-th node
         self.coarse_parts = tuple(self.coarse_stack)
 
@@ -870,28 +869,15 @@ def within_thresholds_of_pixel(
     ``_decide``). With one threshold this is ``within_threshold_of_pixel``.
     """
     order, pixel = _check_pixel(order, pixel)
-    thr_all = np.array(thresholds_arcsec, dtype=np.float64).ravel()
-    if np.any(np.isnan(thr_all)):
-        raise ValueError("threshold_arcsec must not be NaN")
+    thr_all = _checked_thresholds(thresholds_arcsec)
     ra, dec, finite, shape = _prepare_points(ra_deg, dec_deg)
-    out = np.zeros((thr_all.size, ra.size), dtype=bool)
-    everything = thr_all * (1.0 / ARCSEC_PER_RAD) >= np.pi
-    out[np.ix_(everything, finite)] = True
-    # thresholds to compute, largest first (negative ones keep nothing)
-    which = np.flatnonzero((thr_all >= 0) & ~everything)
-    which = which[np.argsort(-thr_all[which], kind="stable")]
+    out, which, thr = _thresholds_to_compute(thr_all, finite)
     idx_all = np.nonzero(finite)[0]
     if which.size == 0 or idx_all.size == 0:
         return out.reshape((thr_all.size, *shape))
-    thr = thr_all[which] / ARCSEC_PER_RAD
     solver = _solver_for(order, pixel)
     cx, cy, cz = solver.center
-    # Cap pre-filter on chord lengths to the centre (the centre is in the pixel).
-    chord_in = _chord_of(thr) * (1.0 - 1e-12) - 4e-16
-    reach = thr + solver.circumradius
-    chord_out = np.where(reach < np.pi, _chord_of(reach) * (1.0 + 1e-12) + 4e-16, np.inf)
-    # Polyline bracket on the boundary chord itself, then the branch and bound for the rest.
-    chord_out_exact = _chord_of(thr) * (1.0 + 1e-12) + 4e-16
+    chord_in, chord_out, chord_out_exact = _cap_and_bracket_chords(thr, np.array([solver.circumradius]))
     polys = [solver.polyline(float(t)) for t in thr]
     result = out[which]  # (thresholds, points), largest threshold first
     chunk = 4 * _chunk_size()
@@ -903,7 +889,7 @@ def within_thresholds_of_pixel(
         chord = np.sqrt(ex * ex + ey * ey + ez * ez)
         near = chord <= chord_in[:, None]
         result[:, idx] |= near
-        pending = ~near & (chord <= chord_out[:, None])  # per threshold: needs the boundary
+        pending = ~near & (chord <= chord_out)  # per threshold: needs the boundary
         todo = np.nonzero(pending.any(axis=0))[0]
         if todo.size == 0:
             continue
@@ -919,6 +905,37 @@ def within_thresholds_of_pixel(
                     pending[:, sel], result, idx[sel])
     out[which] = result
     return out.reshape((thr_all.size, *shape))
+
+
+def _checked_thresholds(thresholds_arcsec) -> np.ndarray:
+    """The thresholds (arcsec) as a flat float64 array; ValueError for NaN."""
+    thr_all = np.array(thresholds_arcsec, dtype=np.float64).ravel()
+    if np.any(np.isnan(thr_all)):
+        raise ValueError("threshold_arcsec must not be NaN")
+    return thr_all
+
+
+def _thresholds_to_compute(thr_all: np.ndarray, finite: np.ndarray):
+    """``(out, which, thr)``: the (thresholds, points) mask with every finite point already in for
+    the thresholds of half the sky or more; the indices of the thresholds left to compute,
+    largest first (negative ones keep nothing); those thresholds in radians."""
+    out = np.zeros((thr_all.size, finite.size), dtype=bool)
+    everything = thr_all * (1.0 / ARCSEC_PER_RAD) >= np.pi
+    out[np.ix_(everything, finite)] = True
+    which = np.flatnonzero((thr_all >= 0) & ~everything)
+    which = which[np.argsort(-thr_all[which], kind="stable")]
+    return out, which, thr_all[which] / ARCSEC_PER_RAD
+
+
+def _cap_and_bracket_chords(thr: np.ndarray, circumradius: np.ndarray):
+    """Chords against which points are decided, per threshold ``thr`` (radians): ``chord_in``
+    (to the pixel's centre, surely within: the centre is in the pixel), ``chord_out`` (to the
+    centre, surely beyond, per pixel of certified ``circumradius``: shape (thresholds, pixels))
+    and ``chord_out_exact`` (to the boundary itself, for the polyline bracket)."""
+    chord_in = _chord_of(thr) * (1.0 - 1e-12) - 4e-16
+    reach = thr[:, None] + circumradius[None, :]
+    chord_out = np.where(reach < np.pi, _chord_of(reach) * (1.0 + 1e-12) + 4e-16, np.inf)
+    return chord_in, chord_out, _chord_of(thr) * (1.0 + 1e-12) + 4e-16
 
 
 def _decide(solver, polys, thr, chord_in, chord_out, px, py, pz, pending, result, where):
@@ -956,30 +973,18 @@ def within_thresholds_of_pixels(ra_deg, dec_deg, dest, orders, pixels, threshold
     calls, which is most of the exact test where a row group has a few candidates for each of
     many destinations (a 10 M-row sky at 10 arcsec: a median of 15 per destination).
     """
-    thr_all = np.array(thresholds_arcsec, dtype=np.float64).ravel()
-    if np.any(np.isnan(thr_all)):
-        raise ValueError("threshold_arcsec must not be NaN")
+    thr_all = _checked_thresholds(thresholds_arcsec)
     ra, dec, finite, _ = _prepare_points(np.ravel(ra_deg), np.ravel(dec_deg))
     dest = np.asarray(dest, dtype=np.intp).ravel()
     if dest.shape != ra.shape:
         raise ValueError(f"dest has {dest.size} entries for {ra.size} points")
-    out = np.zeros((thr_all.size, ra.size), dtype=bool)
-    everything = thr_all * (1.0 / ARCSEC_PER_RAD) >= np.pi
-    out[np.ix_(everything, finite)] = True
-    which = np.flatnonzero((thr_all >= 0) & ~everything)
-    which = which[np.argsort(-thr_all[which], kind="stable")]  # largest first
+    out, which, thr = _thresholds_to_compute(thr_all, finite)
     idx_all = np.nonzero(finite)[0]
     if which.size == 0 or idx_all.size == 0:
         return out
-    thr = thr_all[which] / ARCSEC_PER_RAD
     solvers, local = _solvers_of(dest[idx_all], orders, pixels)
     centers = np.array([s.center for s in solvers])
-    circumradius = np.array([s.circumradius for s in solvers])
-    # the single-pixel function's cap and bracket chords, per threshold (and per pixel)
-    chord_in = _chord_of(thr) * (1.0 - 1e-12) - 4e-16
-    reach = thr[:, None] + circumradius[None, :]
-    chord_out = np.where(reach < np.pi, _chord_of(reach) * (1.0 + 1e-12) + 4e-16, np.inf)
-    chord_out_exact = _chord_of(thr) * (1.0 + 1e-12) + 4e-16
+    chord_in, chord_out, chord_out_exact = _cap_and_bracket_chords(thr, np.array([s.circumradius for s in solvers]))
     polys = [[s.polyline(float(t)) for s in solvers] for t in thr]
     result = out[which]
     for start in range(0, idx_all.size, _MANY_CHUNK):
