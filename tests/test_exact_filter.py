@@ -259,3 +259,55 @@ def test_pairs_within_thresholds_with_several_destinations_and_sparse_rows():
         ])
         np.testing.assert_array_equal(several[k], truth)
     assert several.any(axis=1).all()
+
+
+def _row_by_row(ra, dec, rows, dest_idx, dests, threshold):
+    """Each candidate pair decided alone, against its own destination pixel."""
+    keep = np.zeros(len(rows), dtype=bool)
+    for i in np.unique(dest_idx):
+        mine = dest_idx == i
+        keep[mine] = within_threshold_of_pixel(
+            ra[rows[mine]], dec[rows[mine]], int(dests.orders[i]), int(dests.pixels[i]), threshold
+        )
+    return keep
+
+
+def test_parts_of_several_partitions_are_decided_in_one_call_as_each_alone(monkeypatch):
+    """Row groups of several partitions, each with its own destinations (a dense one decided by
+    cells, sparse ones one by one, one without candidates): one test of the rows left of all of
+    them, and each part's mask is its pairs decided one by one against their own pixels."""
+    parts = []
+    # dense rows of order-5 pixel 1001 beside its neighbours: decided mostly by cells
+    ra, dec, index = _dense_rows_beside(5, 1000, 1001, 4_000, 600.0, seed=3)
+    near = sorted(int(p) for p in cds.neighbours(np.array([1001], dtype=np.uint64), 5)[0] if p >= 0 and p != 1001)
+    dests = geometry.Tiling.from_pixels([5] * len(near), near)
+    rows, dest_idx = geometry.candidate_pairs(index, 29, 5, 1001, 9, geometry.rings_needed(600.0, 9), dests)
+    parts.append(exact_filter.CandidatePairs(ra, dec, index, 29, 5, rows, dest_idx, dests))
+    # sparse rows of order-3 pixels near a pole and at RA 0, against mixed-order destinations
+    for order, source, dest_pixels, seed in [(3, 0, [(3, 1), (4, 8), (3, 3)], 4), (3, 4 * 64 + 21, [(3, 4 * 64 + 20), (2, 5)], 5)]:
+        dest_order, dest_pixel = dest_pixels[0]
+        ra, dec, index = _dense_rows_beside(dest_order, dest_pixel, source, 40, 600.0, seed=seed)
+        dests = geometry.Tiling.from_pixels([o for o, _ in dest_pixels], [p for _, p in dest_pixels])
+        rows = np.repeat(np.arange(len(ra)), len(dests))
+        dest_idx = np.tile(np.arange(len(dests)), len(ra))
+        by_dest = np.argsort(dest_idx, kind="stable")
+        parts.append(exact_filter.CandidatePairs(ra, dec, index, 29, 3, rows[by_dest], dest_idx[by_dest], dests))
+    empty = np.zeros(0, dtype=np.int64)
+    parts.insert(1, exact_filter.CandidatePairs(ra, dec, index, 29, 3, empty, empty, geometry.Tiling.from_pixels([3], [2])))
+
+    calls = []
+
+    def counting(ra_deg, *args, **kwargs):
+        calls.append(len(ra_deg))
+        return pixel_distance.within_thresholds_of_pixels(ra_deg, *args, **kwargs)
+
+    monkeypatch.setattr(exact_filter, "within_thresholds_of_pixels", counting)
+    thresholds = [600.0, 60.0]
+    masks = exact_filter.pairs_within_thresholds_of_parts(parts, thresholds)
+    assert len(calls) == 1 and 0 < calls[0] < sum(len(p.rows) for p in parts)  # cells decided some
+    assert [m.shape for m in masks] == [(2, len(p.rows)) for p in parts]
+    for part, mask in zip(parts, masks):
+        for k, t in enumerate(thresholds):
+            truth = _row_by_row(part.ra_deg, part.dec_deg, part.rows, part.dest_idx, part.destinations, t)
+            np.testing.assert_array_equal(mask[k], truth)
+    assert all(m[0].any() and not m[0].all() for m in masks if m.size)

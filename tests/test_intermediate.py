@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hats.io.validation import is_valid_catalog
 from upath import UPath
@@ -366,3 +367,75 @@ def test_the_shard_buffer_counts_each_slice_by_its_rows_and_flushes_at_its_limit
     writers.close()
     index = writers.index[(2, 6)]
     assert sum(read_shard(layout.shard("2_6-0123abcd"), b).num_rows for b in index.values()) == rows
+
+
+def _count_calls(monkeypatch, log: Path):
+    """Record, in ``log`` (Dask pickles the wrapper), how many row groups each exact test decides."""
+    real = mapping.pairs_within_thresholds_of_parts
+
+    def counting(parts, thresholds):
+        with open(log, "a") as handle:
+            handle.write(f"{len(parts)}\n")
+        return real(parts, thresholds)
+
+    monkeypatch.setattr(mapping, "pairs_within_thresholds_of_parts", counting)
+
+
+@pytest.mark.parametrize(("size", "limit"), [(14, 64), (14, 3), (1, 64)])
+def test_small_row_groups_of_a_batch_are_tested_together(client, copy_catalog, tmp_path, monkeypatch, size, limit):
+    """The candidates of a batch's small row groups wait and are decided in one exact test (at
+    most ``DEFER_ROW_GROUPS`` row groups per test), and the margin is the one that a test per row group
+    gives: a batch of one task, or no waiting at all."""
+    source = copy_catalog("small_sky_source_catalog")
+    log = tmp_path / "calls.txt"
+    monkeypatch.setattr(runner, "batch_size", batches_of(size))
+    monkeypatch.setattr(mapping, "DEFER_ROW_GROUPS", limit)
+    _count_calls(monkeypatch, log)
+    result = pipeline_with_client(make_args(source, tmp_path), client)
+    calls = [int(n) for n in log.read_text().split()]
+    tested = sum(calls)  # row groups with candidates (each one decided once)
+    assert tested >= 13 and max(calls) <= limit
+    if size == 1:
+        assert len(calls) <= 14  # one test per task at most: never across tasks of other batches
+    else:
+        assert len(calls) == -(-tested // limit)
+    monkeypatch.setattr(mapping, "DEFER_ROW_GROUPS", 1)  # each row group its own test
+    alone = pipeline_with_client(make_args(source, tmp_path / "alone"), client)
+    assert rows_per_pixel(tmp_path / "out" / NAME) == rows_per_pixel(tmp_path / "alone" / "out" / NAME)
+    assert result.total_rows == alone.total_rows > 0
+    files = sorted(p.relative_to(tmp_path / "out" / NAME) for p in (tmp_path / "out" / NAME / "dataset").rglob("Npix=*.parquet"))
+    assert files
+    for rel in files:  # the same rows in the same order
+        assert pq.read_table(tmp_path / "out" / NAME / rel).equals(pq.read_table(tmp_path / "alone" / "out" / NAME / rel)), rel
+
+
+def test_a_task_whose_waiting_rows_cannot_be_sent_fails_alone(client, copy_catalog, tmp_path, monkeypatch):
+    """A send that fails after the batch's joint exact test fails its own task only, naming its
+    partition; the batch's marker lists the others and the re-run redoes that task alone."""
+    source = copy_catalog("small_sky_source_catalog")
+    args = make_args(source, tmp_path)
+    real = mapping._Candidates.send
+
+    def fails_for_2_180(self, within):
+        if self.task.key == "2_180":
+            raise RuntimeError("simulated send failure")
+        return real(self, within)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "batch_size", batches_of(14))
+        patch.setattr(mapping._Candidates, "send", fails_for_2_180)
+        with pytest.raises(StageFailedError, match="2_180") as info:
+            pipeline_with_client(args, client)
+    assert list(info.value.failures) == ["2_180"]
+    assert any("Norder=2/Npix=180" in note for note in info.value.failures["2_180"].__notes__)
+    markers = markers_of(Path(args.tmp_dir) / NAME / "intermediate")
+    assert len(markers) == 1 and len(markers[0]["tasks"]) == 13 and "2_180" not in markers[0]["tasks"]
+    ran = []
+    with monkeypatch.context() as patch:
+        real_map = mapping.map_partition
+        patch.setattr(mapping, "map_partition", lambda task, *rest: ran.append(task.key) or real_map(task, *rest))
+        result = pipeline_with_client(args, client)
+    assert ran == ["2_180"] and result.skipped_tasks["mapping"] == 13
+    fresh = pipeline_with_client(make_args(source, tmp_path / "fresh"), client)
+    assert rows_per_pixel(tmp_path / "out" / NAME) == rows_per_pixel(tmp_path / "fresh" / "out" / NAME)
+    assert result.total_rows == fresh.total_rows

@@ -601,15 +601,17 @@ class ShardWriters:
     buffered per key and written, key after key, as record batches; ``index[source][destination]``
     says which batches hold them (recorded in the batch's done marker), so a reduce task reads
     only its own batches (random access in the IPC file format). The buffer is flushed whenever it
-    holds ``flush_bytes`` and at the end of every map task (``flush``), so memory stays bounded by
-    one row group plus ``flush_bytes`` and a record batch never mixes two sources.
+    holds ``flush_bytes`` and when the batch ends (``close``), so memory stays bounded by one row
+    group plus ``flush_bytes``; a record batch never mixes two sources (they are other keys).
     """
 
-    def __init__(self, path: UPath, schema: pa.Schema, flush_bytes: int = SHARD_FLUSH_BYTES):
+    def __init__(self, path: UPath, schema: pa.Schema, flush_bytes: int | None = None):
         """Nothing is opened until the first flush (a batch sending no row writes no file);
-        ``flush_bytes`` is the buffer size (bytes) that triggers one."""
+        ``flush_bytes`` is the buffer size (bytes) that triggers one (default
+        ``SHARD_FLUSH_BYTES``)."""
         self.path = path
-        self.schema, self.flush_bytes = schema, flush_bytes
+        self.schema = schema
+        self.flush_bytes = SHARD_FLUSH_BYTES if flush_bytes is None else flush_bytes
         self._sink = self._writer = None
         self._pending: dict[tuple[int, ...], list[pa.Table]] = {}
         self._pending_sizes: dict[tuple[int, ...], int] = {}

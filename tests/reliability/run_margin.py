@@ -14,8 +14,8 @@ package. Points (``:N`` = at the N-th occurrence); the map/reduce points need ``
     after-plan            planning done, before the output lock is taken
     after-lock            lock taken, before the intermediate directory is prepared
     after-run-json        intermediate directory and run.json written, no task run yet
-    map-shard:N           after the N-th write of buffered rows into a batch's shard (at least
-                          once per map task with rows: the shard has record batches but no
+    map-shard:N           after the N-th write of buffered rows into a batch's shard (here
+                          every send is written at once: the shard has record batches but no
                           footer yet, no marker)
     map-shard-closed:N    after the N-th batch of map tasks has completed its shard, before its
                           done marker
@@ -89,6 +89,7 @@ def install(point: str, action=None):
     elif name == "after-run-json":
         after(pipeline, "prepare_intermediate", nth, action)
     elif name == "map-shard":
+        io.SHARD_FLUSH_BYTES = 0  # else rows are buffered up to the end of the batch
         after(io.ShardWriters, "_write_pending", nth, action)
     elif name == "map-shard-closed":
         after(io.ShardWriters, "close", nth, action)

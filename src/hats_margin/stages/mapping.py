@@ -5,6 +5,9 @@ Row group by row group (memory bounded by one row group): read the spatial index
 exact mode), find candidate (row, destination) pairs from the nested bits
 (geometry.candidate_pairs), in exact mode keep those within the threshold (exact_filter), and
 only then decode the other columns to send the selected rows to the shard (io.ShardWriters).
+Small row groups (decoded whole in one read) wait, up to ``DEFER_BYTES``, to have their
+candidates tested together with the next ones, of any task of the batch (``_Deferred``): one call
+of the exact test costs a fixed ~0.5 ms, as much as its work on a small partition.
 The tasks of one Dask batch (runner.run_stage) share one shard and one done marker
 (``map_batch``): intermediate files are O(batches), not O(map tasks). The marker records, per
 task, the rows and the shard's record batches per destination, for the reduce tasks and resume.
@@ -24,7 +27,7 @@ from upath import UPath
 from hats_margin import geometry
 from hats_margin.checks import check_coordinates
 from hats_margin.errors import InputCatalogError
-from hats_margin.exact_filter import pairs_within_thresholds
+from hats_margin.exact_filter import CandidatePairs, pairs_within_thresholds_of_parts
 from hats_margin.io import (
     INTERMEDIATE_FORMAT,
     MARGINS_COLUMN,
@@ -76,6 +79,11 @@ class MapTask:
     once, with the margins it is in (``io.MARGINS_COLUMN``); empty for a single margin."""
 
     @property
+    def thresholds(self) -> tuple[float, ...]:
+        """The thresholds the exact test decides (largest first)."""
+        return self.margin_thresholds or (self.threshold_arcsec,)
+
+    @property
     def leaf(self) -> UPath:
         """The partition's file (or directory); built here, not in planning: path joins are
         slow enough to dominate a 50,000-partition plan."""
@@ -97,17 +105,35 @@ def map_batch(tasks: list[MapTask]) -> dict[str, tuple[bool, object]]:
     batch = layout.new_batch(tasks[0].source)
     shard = ShardWriters(layout.shard(batch), shard_schema(tasks[0].schema, len(tasks[0].margin_thresholds)))
     outcome: dict[str, tuple[bool, object]] = {}
-    payloads: dict[str, dict] = {}
+    mapped: dict[str, _Mapped] = {}
+    deferred = _Deferred()
+
+    def fail(task: MapTask, exc: Exception):
+        """One task failed: its buffered and deferred rows go, the other tasks go on (unless the
+        shard itself could not be written: then no task of the batch is done)."""
+        outcome[task.key] = (False, exc)
+        mapped.pop(task.key, None)
+        deferred.drop(task.key)
+        if shard.broken:
+            raise exc
+        shard.drop(task.source)
+
+    def settle():
+        """Run the exact test of the deferred row groups and send their rows."""
+        for task, exc in deferred.resolve():
+            fail(task, exc)
+
     try:
         for task in tasks:
             try:
-                payloads[task.key] = map_partition(task, shard, batch)
-            except Exception as exc:
-                outcome[task.key] = (False, exc)
-                if shard.broken:
-                    raise
-                shard.drop(task.source)
+                mapped[task.key] = map_partition(task, shard, batch, deferred)
+            except Exception as exc:  # noqa: BLE001 - this task fails alone (see fail)
+                fail(task, exc)
+            if deferred.full:
+                settle()
+        settle()
         shard.close()
+        payloads = {key: result.payload() for key, result in mapped.items()}
         if payloads:
             write_json(layout.map_marker(batch), {
                 "format": INTERMEDIATE_FORMAT, "shard": batch, "tasks": payloads,  # read by resume and reduce
@@ -129,22 +155,47 @@ def map_batch(tasks: list[MapTask]) -> dict[str, tuple[bool, object]]:
     return {task.key: outcome[task.key] for task in tasks}
 
 
-def map_partition(task: MapTask, shard: ShardWriters, batch: str) -> dict:
-    """Run one map task into its batch's ``shard`` (named ``batch``); returns the payload its
-    batch marker records: rows sent and record batches per destination, the shard's name, and
-    how many rows it saw without usable coordinates (NaN/inf/null ra or dec)."""
+def map_partition(task: MapTask, shard: ShardWriters, batch: str, deferred: _Deferred) -> _Mapped:
+    """Run one map task into its batch's ``shard`` (named ``batch``). The candidates of its small
+    row groups may wait in ``deferred`` for one exact test with other tasks' (their rows are sent
+    when the batch resolves it); the payload of the batch marker is known once the shard is
+    closed (:meth:`_Mapped.payload`)."""
+    writers = shard.source(task.source)
     try:
-        rows, batches, no_position = _map(task, shard.source(task.source))
+        no_position = _map(task, writers, deferred)
     except Exception as exc:
-        exc.add_note(f"hats-margin: while mapping partition Norder={task.source[0]}/Npix={task.source[1]} ({task.leaf})")
+        _note_partition(exc, task)
         raise
-    return {
-        "source": list(task.source),
-        "shard": batch,
-        "rows": {_marker_key(key): n for key, n in sorted(rows.items())},
-        "batches": {_marker_key(key): batches[key] for key in sorted(batches)},  # read by the reduce tasks
-        "rows_without_coordinates": no_position,
-    }
+    return _Mapped(task, writers, batch, no_position)
+
+
+@dataclass
+class _Mapped:
+    """A map task that ran: what its batch marker records, once its rows are all in the shard."""
+
+    task: MapTask
+    writers: SourceShard
+    batch: str
+    rows_without_coordinates: int
+
+    def payload(self) -> dict:
+        """Rows sent and record batches per destination, the shard's name, and how many rows the
+        task saw without usable coordinates (NaN/inf/null ra or dec)."""
+        task, writers = self.task, self.writers
+        rows = writers.margin_rows if task.margin_thresholds else writers.rows
+        batches = writers.index
+        return {
+            "source": list(task.source),
+            "shard": self.batch,
+            "rows": {_marker_key(key): n for key, n in sorted(rows.items())},
+            "batches": {_marker_key(key): batches[key] for key in sorted(batches)},  # read by the reduce tasks
+            "rows_without_coordinates": self.rows_without_coordinates,
+        }
+
+
+def _note_partition(exc: Exception, task: MapTask):
+    """Name the task's partition in an exception raised while mapping it."""
+    exc.add_note(f"hats-margin: while mapping partition Norder={task.source[0]}/Npix={task.source[1]} ({task.leaf})")
 
 
 def _marker_key(key: tuple[int, ...]) -> str:
@@ -154,10 +205,9 @@ def _marker_key(key: tuple[int, ...]) -> str:
     return margin_key(Pixel(*key))
 
 
-def _map(task: MapTask, writers: SourceShard) -> tuple[dict[tuple[int, ...], int], dict[tuple[int, int], list[int]], int]:
-    """Rows sent per destination (per (margin, destination) with several margins), the shard's
-    record batches holding each destination's rows, and how many of the rows whose coordinates
-    were checked have none (NaN/inf/null)."""
+def _map(task: MapTask, writers: SourceShard, deferred: _Deferred) -> int:
+    """Send the task's margin rows to its shard (some later, through ``deferred``); returns how
+    many of the rows whose coordinates were checked have none (NaN/inf/null)."""
     dests = geometry.Tiling.from_pixels(task.dest_orders, task.dest_pixels)
     no_position = 0
     for path in leaf_files(task.leaf, task.input_suffix):
@@ -165,11 +215,9 @@ def _map(task: MapTask, writers: SourceShard) -> tuple[dict[tuple[int, ...], int
         check_file_schema(parquet, path, task.schema)
         first_row = 0
         for group in range(parquet.num_row_groups):
-            no_position += _map_row_group(task, dests, parquet, path, group, writers, first_row)
+            no_position += _map_row_group(task, dests, parquet, path, group, writers, first_row, deferred)
             first_row += parquet.metadata.row_group(group).num_rows
-    writers.shard.flush()  # this task's rows are in the file: their record batch numbers are known
-    rows = writers.margin_rows if task.margin_thresholds else writers.rows
-    return dict(rows), dict(writers.index), no_position
+    return no_position
 
 
 SMALL_ROW_GROUP_BYTES = 1 << 20
@@ -205,11 +253,18 @@ class _RowGroup:
         self.task, self.parquet, self.path, self.group = task, parquet, path, group
         self.columns: dict[str, pa.ChunkedArray] = {}
         self._pending: Future | None = None
-        decoded = parquet.metadata.row_group(group).total_byte_size
-        self.small = decoded <= SMALL_ROW_GROUP_BYTES
-        self.large = decoded > LARGE_ROW_GROUP_BYTES
+        self.decoded_bytes = parquet.metadata.row_group(group).total_byte_size
+        self.small = self.decoded_bytes <= SMALL_ROW_GROUP_BYTES
+        self.large = self.decoded_bytes > LARGE_ROW_GROUP_BYTES
         if self.small:
             self.read(task.schema.names)
+
+    def detach(self):
+        """Let go of the file of a small row group (decoded whole on creation): it may be kept
+        after its file is closed."""
+        if not self.small:
+            raise ValueError("only a small row group is decoded whole")
+        self.parquet = None
 
     def column_groups(self, names) -> list[list[str]]:
         """``names`` (top-level columns) in consecutive groups of about ``COLUMN_GROUP_BYTES``
@@ -287,17 +342,18 @@ class _RowGroup:
         return conform(pa.table([taken[n] for n in names], names=names), self.task.schema)
 
 
-def _map_row_group(task: MapTask, dests, parquet, path, group, writers, first_row: int) -> int:
-    """Send the margin rows of one row group to the shard, grouped by destination. Returns how many
-    of the rows whose coordinates were checked have none (NaN/inf/null)."""
+def _map_row_group(task: MapTask, dests, parquet, path, group, writers, first_row: int, deferred: _Deferred) -> int:
+    """Send the margin rows of one row group to the shard, grouped by destination (or leave a small
+    row group's candidates in ``deferred``). Returns how many of the rows whose coordinates were
+    checked have none (NaN/inf/null)."""
     row_group = _RowGroup(task, parquet, path, group)
     try:
-        return _select_and_send(task, dests, row_group, path, writers, first_row)
+        return _select_and_send(task, dests, row_group, path, writers, first_row, deferred)
     finally:
         row_group.abandon()  # a decode nobody used: never left running into the next row group
 
 
-def _select_and_send(task: MapTask, dests, row_group: _RowGroup, path, writers, first_row: int) -> int:
+def _select_and_send(task: MapTask, dests, row_group: _RowGroup, path, writers, first_row: int, deferred: _Deferred) -> int:
     """The body of :func:`_map_row_group` on a row group being read."""
     row_group.read([task.healpix_column, task.ra_column, task.dec_column] if task.fine_filtering else [task.healpix_column])
     index = row_group.columns[task.healpix_column]
@@ -317,43 +373,128 @@ def _select_and_send(task: MapTask, dests, row_group: _RowGroup, path, writers, 
     )
     if len(rows) == 0:
         return no_position
-    # the pairs each margin keeps (one margin unless several thresholds share this read)
-    kept = [np.arange(len(rows))]
-    if task.fine_filtering:
-        if ra is None:  # read anyway by the exact filter: check the candidates at no extra read
-            ra, dec = _radec(task, row_group)
-        if len(rows) >= PREFETCH_MIN_PAIRS:
-            row_group.prefetch(task.schema.names)  # decoded while the candidates are tested
-        if not task.check_input:
-            no_position = _check_coordinates(task, path, first_row, ra, dec, spatial_index, np.unique(rows))
-        within = pairs_within_thresholds(
-            ra, dec, spatial_index, task.healpix_order, max(task.search_order, task.source[0]),
-            rows, dest_idx, dests, task.margin_thresholds or (task.threshold_arcsec,),
-        )
-        kept = [np.flatnonzero(keep) for keep in within]
-        if not any(len(k) for k in kept):
-            return no_position
-    # one take of every pair any margin keeps; with several margins each row is sent once, with
-    # the margins it is in (the shard's last column)
-    union = np.flatnonzero(within.any(axis=0)) if task.margin_thresholds else kept[0]
-    taken = row_group.take(rows[union])
-    if ra is None:  # coarse mode: check the selected rows' ra/dec, in the rows just taken
+    if not task.fine_filtering:  # coarse: every candidate, its ra/dec checked in the rows taken
+        taken = row_group.take(rows)
         selected, first = np.unique(rows, return_index=True)
         no_position = _check_coordinates(
             task, path, first_row, _float_array(taken.column(task.ra_column).take(arrow_of(first))),
             _float_array(taken.column(task.dec_column).take(arrow_of(first))),
             spatial_index[selected], None, positions=selected,
         )
-    sent_to = dest_idx[union]
-    if task.margin_thresholds:
-        in_margins = within[:, union]
-        taken = taken.append_column(
-            pa.field(MARGINS_COLUMN, margin_bits_type(len(in_margins)), nullable=False),
-            arrow_of(_margin_bits(in_margins)),
-        )
-        _count_margin_rows(writers, in_margins, dests, sent_to)
-    _send(writers, taken, dests, sent_to)
+        _send(writers, taken, dests, dest_idx)
+        return no_position
+    if ra is None:  # read anyway by the exact filter: check the candidates at no extra read
+        ra, dec = _radec(task, row_group)
+    if len(rows) >= PREFETCH_MIN_PAIRS:
+        row_group.prefetch(task.schema.names)  # decoded while the candidates are tested
+    if not task.check_input:
+        no_position = _check_coordinates(task, path, first_row, ra, dec, spatial_index, np.unique(rows))
+    candidates = _Candidates(task, writers, dests, row_group, CandidatePairs(
+        ra, dec, spatial_index, task.healpix_order, max(task.search_order, task.source[0]), rows, dest_idx, dests,
+    ))
+    if row_group.small:  # decoded whole already: tested later, with other row groups' candidates
+        deferred.add(candidates)
+    else:
+        candidates.send(pairs_within_thresholds_of_parts([candidates.pairs], task.thresholds)[0])
     return no_position
+
+
+DEFER_BYTES = 16 << 20
+"""Decoded bytes of small row groups whose candidates wait for one exact test together (a batch's
+tasks, in order): the test costs a fixed ~0.5 ms of numpy calls per call, most of it on a catalog
+of many small partitions with a few candidates each. The memory this holds beside the row group
+being read."""
+
+DEFER_ROW_GROUPS = 64
+"""At most this many row groups wait (the gain of batching them levels off well before)."""
+
+
+@dataclass
+class _Candidates:
+    """A row group's candidate pairs in exact mode, and where the pairs kept are sent."""
+
+    task: MapTask
+    writers: SourceShard
+    dests: geometry.Tiling
+    row_group: _RowGroup
+    pairs: CandidatePairs
+
+    def send(self, within: np.ndarray):
+        """Send the pairs kept (``within``: per margin, per pair) to the shard: one take of every
+        pair any margin keeps; with several margins each row is sent once, with the margins it is
+        in (the shard's last column)."""
+        union = np.flatnonzero(within.any(axis=0))
+        if not len(union):
+            return
+        task = self.task
+        taken = self.row_group.take(self.pairs.rows[union])
+        sent_to = self.pairs.dest_idx[union]
+        if task.margin_thresholds:
+            in_margins = within[:, union]
+            taken = taken.append_column(
+                pa.field(MARGINS_COLUMN, margin_bits_type(len(in_margins)), nullable=False),
+                arrow_of(_margin_bits(in_margins)),
+            )
+            _count_margin_rows(self.writers, in_margins, self.dests, sent_to)
+        _send(self.writers, taken, self.dests, sent_to)
+
+
+class _Deferred:
+    """Small row groups' candidates waiting for one exact test together (``DEFER_BYTES``,
+    ``DEFER_ROW_GROUPS``); their rows are sent, in the order they came, when the batch resolves
+    them (when full, and before its shard is closed)."""
+
+    def __init__(self):
+        """Nothing waiting."""
+        self.waiting: list[_Candidates] = []
+        self.bytes = 0
+
+    def add(self, candidates: _Candidates):
+        """Let a small row group's candidates wait (the row group is decoded whole: its file is
+        not needed any more)."""
+        candidates.row_group.detach()
+        self.waiting.append(candidates)
+        self.bytes += candidates.row_group.decoded_bytes
+
+    @property
+    def full(self) -> bool:
+        """Whether the waiting row groups should be resolved now."""
+        return self.bytes >= DEFER_BYTES or len(self.waiting) >= DEFER_ROW_GROUPS
+
+    def drop(self, key: str):
+        """Forget the candidates of a failed task."""
+        self.waiting = [c for c in self.waiting if c.task.key != key]
+        self.bytes = sum(c.row_group.decoded_bytes for c in self.waiting)
+
+    def resolve(self) -> list[tuple[MapTask, Exception]]:
+        """Test every waiting candidate (one call per set of thresholds) and send the pairs kept;
+        returns the tasks that failed, each with its error (naming its partition). A failed test
+        fails every task waiting on it; a failed send fails its task only."""
+        waiting, self.waiting, self.bytes = self.waiting, [], 0
+        failed: dict[str, tuple[MapTask, Exception]] = {}
+        by_thresholds: dict[tuple[float, ...], list[_Candidates]] = {}
+        for candidates in waiting:
+            by_thresholds.setdefault(candidates.task.thresholds, []).append(candidates)
+        for thresholds, group in by_thresholds.items():
+            try:
+                within = pairs_within_thresholds_of_parts([c.pairs for c in group], thresholds)
+            except Exception as exc:  # noqa: BLE001 - reported for every task waiting on it
+                sources = sorted({f"Norder={c.task.source[0]}/Npix={c.task.source[1]}" for c in group})
+                exc.add_note(f"hats-margin: while testing the candidates of partitions {', '.join(sources)} together")
+                for c in group:
+                    failed.setdefault(c.task.key, (c.task, exc))
+                continue
+            for candidates, kept in zip(group, within):
+                if candidates.task.key in failed:
+                    continue
+                try:
+                    candidates.send(kept)
+                except Exception as exc:  # noqa: BLE001 - this task fails alone
+                    _note_partition(exc, candidates.task)
+                    failed[candidates.task.key] = (candidates.task, exc)
+                    if candidates.writers.shard.broken:
+                        break
+        return list(failed.values())
 
 
 def _margin_bits(in_margins: np.ndarray) -> np.ndarray:
