@@ -938,6 +938,74 @@ def test_distance_bounds_bracket_the_distance_and_are_narrow(resolution):
         assert lower[i] - tol[i] <= truth <= upper[i] + tol[i]
     # the finest polyline (64 fine chords per coarse one) bounds how narrow a coarse pixel gets
     finest = np.array([
-        pixel_distance._solver_for(int(o), int(p)).polyline(0.0).fine_stack[7].max() for o, p in zip(orders, pixels)
+        pixel_distance._solver_for(int(o), int(p)).polyline(0.0).fine_chords(np.arange(32))[7].max() for o, p in zip(orders, pixels)
     ]) * 2 * ARCSEC
     assert np.all(upper - lower <= np.maximum(resolution / 16, 2.2 * finest[dest]))
+
+
+# the pixels of the construction tests: polar caps (face borders, pole corners), equator, three-face
+# vertices, orders 0-12
+_BUILD_KEYS = [(0, 0), (0, 5), (0, 11), (1, 0), (1, 47), (2, 63), (3, 0), (3, 4 * 64 + 21), (3, 11 * 64 + 63),
+               (5, 0), (5, 4**5 - 1), (5, 4 * 4**5), (8, 3 * 4**8 + 5), (10, 9 * 4**10 + 12345), (12, 7 * 4**12 + 99)]
+
+
+def _tables_equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a[0], b[0])) and all(
+        np.array_equal(x, y) for x, y in zip(a[1:], b[1:]))
+
+
+def test_solvers_and_polylines_built_together_equal_each_built_alone():
+    """The geometry of many pixels built in one pass (a map worker's new destinations) is, bit for
+    bit, each pixel's built alone: solver tables, centre, circumradius, coarse chords and, filled
+    in any order and in parts, every fine chord."""
+    pixels = [pixel_distance._PixelGeometry(o, p) for o, p in _BUILD_KEYS]
+    together = pixel_distance._solver_tables(pixel_distance._Pixels(pixels))
+    for geom, tables in zip(pixels, together):
+        assert _tables_equal(tables, pixel_distance._solver_tables(pixel_distance._Pixels([geom]))[0]), (geom.order, geom.pixel)
+    for fine in (1, 8, 64):
+        polys = pixel_distance._polylines(pixel_distance._Pixels(pixels), pixels, fine)
+        rng = np.random.default_rng(fine)
+        # some pieces of some polylines first, in one pass for all of them, then the rest
+        pixel_distance._fill_fine([(poly, rng.choice(32, 5)) for poly in polys[::2]])
+        for geom, poly in zip(pixels, polys):
+            alone = pixel_distance._polylines(pixel_distance._Pixels([geom]), [geom], fine)[0]
+            np.testing.assert_array_equal(poly.coarse_stack, alone.coarse_stack)
+            order = rng.permutation(32)
+            for part in np.array_split(order, 3):
+                alone.fine_chords(part)
+            np.testing.assert_array_equal(poly.fine_chords(np.arange(32)), alone.fine_stack)
+            assert alone.fine_built.all() and poly.fine_built.all()
+
+
+def test_fine_chords_are_the_boundary_pieces():
+    """Each fine chord joins two boundary points of its own coarse piece (the parameters of
+    ``_PixelGeometry.evaluate``) and its allowance is at least the curvature bound's M h^2 / 8
+    (what makes the bracket certified), and not much more."""
+    for order, pixel in _BUILD_KEYS[::3]:
+        geom = pixel_distance._PixelGeometry(order, pixel)
+        fine = 8
+        poly = pixel_distance._polylines(pixel_distance._Pixels([geom]), [geom], fine)[0]
+        chords = poly.fine_chords(np.arange(32))  # (8, pieces, fine)
+        for piece in (0, 9, 17, 31):
+            edge, q = divmod(piece, pixel_distance._POLY_COARSE)
+            t = (q * fine + np.arange(fine + 1)) / (pixel_distance._POLY_COARSE * fine)
+            bx, by, bz = geom.evaluate(np.full(fine + 1, edge), t)
+            np.testing.assert_allclose(chords[0:3, piece].T, np.stack([bx, by, bz], -1)[:-1], rtol=0, atol=1e-15)
+            ends = np.stack([bx, by, bz], -1)[1:]
+            np.testing.assert_allclose((chords[0:3, piece] + chords[3:6, piece]).T, ends, rtol=0, atol=1e-15)
+            m = geom.curvature_bound(np.full(fine, edge), t[:-1], t[1:])
+            allowance = m * np.diff(t) ** 2 / 8
+            assert np.all(chords[7, piece] >= allowance) and np.all(chords[7, piece] <= allowance * (1 + 1e-11) + 2e-15)
+
+
+def test_a_pixel_listed_twice_has_one_solver():
+    """Destinations of several row groups tested together name some pixels more than once: each
+    pixel gets one solver (built once), and every point the one of its own pixel."""
+    pixel_distance._GEOMETRY_CACHE.clear()
+    orders = np.array([3, 5, 3, 4, 5])
+    pixels = np.array([300, 1000, 300, 17, 1000])
+    dest = np.array([0, 2, 1, 4, 3, 2, 0])
+    solvers, local = pixel_distance._solvers_of(dest, orders, pixels)
+    assert len(solvers) == 3 and len({id(s) for s in solvers}) == 3
+    assert [(solvers[k].g.order, solvers[k].g.pixel) for k in local] == [(int(orders[d]), int(pixels[d])) for d in dest]
+    assert len(pixel_distance._GEOMETRY_CACHE) == 3

@@ -107,6 +107,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from functools import cached_property
 
 import numpy as np
 
@@ -227,7 +228,6 @@ class _PixelGeometry:
             else:
                 zones[mid_sum < n] = _ZONE_SOUTH
         self.zone = zones
-        self.uniform_zone = int(zones[0]) if np.all(zones == zones[0]) else None
 
         # Polar parameters: sigma_num(t) = sig0 + sig_slope t (sigma = sigma_num / n) and
         # a = sigma at the face border x = 1 or y = 1 (north) / x = 0 or y = 0 (south).
@@ -243,46 +243,97 @@ class _PixelGeometry:
             self.a = fixed / n
 
     # ---------------------------------------------------------------------------------------
+    @cached_property
+    def constants(self) -> np.ndarray:
+        """This pixel's constants as one row (:meth:`_Pixels.constants_of`)."""
+        return _Pixels.constants_of(self)
+
+    @cached_property
+    def as_pixels(self) -> _Pixels:
+        """This pixel as a :class:`_Pixels` of one (its boundary formulas live there)."""
+        return _Pixels([self])
+
     def evaluate(self, edge, t, deriv=False):
         """Boundary point(s) B(edge, t) as (x, y, z) arrays; with deriv also dB/dt."""
-        if self.uniform_zone is not None:
-            return self._evaluate_zone(
-                self.uniform_zone, self.ix0[edge], self.iy0[edge], self.cx[edge], self.cy[edge], t, deriv
-            )
-        zones = self.zone[edge]
-        out = [np.empty(t.shape) for _ in range(6 if deriv else 3)]
-        for zone in np.unique(zones):
-            sel = np.nonzero(zones == zone)[0]
-            e = edge[sel]
-            res = self._evaluate_zone(
-                int(zone), self.ix0[e], self.iy0[e], self.cx[e], self.cy[e], t[sel], deriv
-            )
+        return self.as_pixels.evaluate(np.zeros(np.shape(edge), dtype=np.intp), edge, t, deriv)
+
+    def center(self):
+        """Unit vector of the pixel centre (x, y) = (i + 1/2, j + 1/2) / n."""
+        cx, cy, cz = self.as_pixels.centers()
+        return float(cx[0]), float(cy[0]), float(cz[0])
+
+    def curvature_bound(self, edge, t_lo, t_hi):
+        """Bound M on |d^2 B / dt^2| over the segments [t_lo, t_hi] of the given edges (see
+        :meth:`_Pixels.curvature_bound`)."""
+        return self.as_pixels.curvature_bound(np.zeros(np.shape(edge), dtype=np.intp), edge, t_lo, t_hi)
+
+
+class _Pixels:
+    """The boundary constants of many pixels side by side: per pixel (order, face, rotation) and
+    per pixel and edge (start, direction, zone, polar parameters), so that the boundaries of all
+    of them are evaluated in one pass of numpy calls (a map worker builds the geometry of every
+    destination pixel it meets: one pass per call instead of a few dozen calls per pixel)."""
+
+    _SCALARS = ("n", "y_offset_n", "cos_lc", "sin_lc", "i", "j", "face_kind")
+    _PER_EDGE = ("ix0", "iy0", "cx", "cy", "zone", "sig0", "sig_slope", "a")
+
+    def __init__(self, geoms: list[_PixelGeometry]):
+        """Stack the constants of ``geoms`` (pixel ``p`` of the arrays is ``geoms[p]``)."""
+        table = np.stack([g.constants for g in geoms])  # one row per pixel: one call, not fifteen
+        columns = iter(range(table.shape[1]))
+        for name in self._SCALARS:
+            setattr(self, name, table[:, next(columns)])
+        for name in self._PER_EDGE:
+            setattr(self, name, table[:, [next(columns) for _ in range(4)]])
+        self.zone = self.zone.astype(np.int64)
+        self.face_kind = self.face_kind.astype(np.int64)
+
+    @staticmethod
+    def constants_of(geom: _PixelGeometry) -> np.ndarray:
+        """The row of ``geom`` in the table of :meth:`__init__` (float64: every value is exact)."""
+        return np.concatenate([[getattr(geom, name) for name in _Pixels._SCALARS], *(getattr(geom, name) for name in _Pixels._PER_EDGE)]).astype(np.float64)
+
+    def __len__(self) -> int:
+        """Number of pixels."""
+        return len(self.n)
+
+    def evaluate(self, p, edge, t, deriv=False):
+        """Boundary points B(edge, t) of pixels ``p`` (arrays of one shape) as (x, y, z) arrays;
+        with deriv also dB/dt."""
+        zones = self.zone[p, edge]
+        out = [np.empty(np.shape(t)) for _ in range(6 if deriv else 3)]
+        for zone in np.unique(zones).tolist():
+            sel = np.nonzero(zones == zone)
+            pp, e = p[sel], edge[sel]
+            res = self._evaluate_zone(zone, pp, self.ix0[pp, e], self.iy0[pp, e], self.cx[pp, e], self.cy[pp, e], t[sel], deriv)
             for o, r in zip(out, res):
                 o[sel] = r
         return tuple(out)
 
-    def center(self):
-        """Unit vector of the pixel centre (x, y) = (i + 1/2, j + 1/2) / n."""
+    def centers(self):
+        """Unit vectors (x, y, z arrays) of the pixel centres (x, y) = (i + 1/2, j + 1/2) / n."""
         s = self.i + self.j + 1.0  # n (x + y) at the centre
-        zone = _ZONE_EQ
-        if self.face_kind == _ZONE_NORTH and s > self.n:
-            zone = _ZONE_NORTH
-        elif self.face_kind == _ZONE_SOUTH and s < self.n:
-            zone = _ZONE_SOUTH
-        one = np.ones(1)
-        bx, by, bz = self._evaluate_zone(
-            zone, self.i * one, (self.j + 0.5) * one, one, 0.0 * one, 0.5 * one, False
-        )
-        return float(bx[0]), float(by[0]), float(bz[0])
+        zone = np.full(len(self), _ZONE_EQ)
+        zone[(self.face_kind == _ZONE_NORTH) & (s > self.n)] = _ZONE_NORTH
+        zone[(self.face_kind == _ZONE_SOUTH) & (s < self.n)] = _ZONE_SOUTH
+        out = [np.empty(len(self)) for _ in range(3)]
+        for z in np.unique(zone).tolist():
+            sel = np.flatnonzero(zone == z)
+            one = np.ones(sel.size)
+            res = self._evaluate_zone(z, sel, self.i[sel], self.j[sel] + 0.5, one, 0.0 * one, 0.5 * one, False)
+            for o, r in zip(out, res):
+                o[sel] = r
+        return out
 
-    def _evaluate_zone(self, zone, ix, iy, cx, cy, t, deriv):
-        """Inverse HEALPix projection of x = (ix + cx t)/n, y = (iy + cy t)/n (one zone)."""
-        n = self.n
+    def _evaluate_zone(self, zone, p, ix, iy, cx, cy, t, deriv):
+        """Inverse HEALPix projection of x = (ix + cx t)/n, y = (iy + cy t)/n (one zone; the
+        points of pixels ``p``)."""
+        n = self.n[p]
         ux = cx * t
         uy = cy * t
         dxy = (ix - iy) + (ux - uy)  # n (x - y)
         if zone == _ZONE_EQ:
-            ynum = ((ix + iy) - self.y_offset_n) + (ux + uy)  # n Y, Y in units of pi/4
+            ynum = ((ix + iy) - self.y_offset_n[p]) + (ux + uy)  # n Y, Y in units of pi/4
             z = (2.0 / 3.0) * (ynum / n)
             r = np.sqrt((1.0 - z) * (1.0 + z))
             delta = (np.pi / 4.0) * (dxy / n)
@@ -302,8 +353,9 @@ class _PixelGeometry:
             delta = (np.pi / 4.0) * psi
         cd = np.cos(delta)
         sd = np.sin(delta)
-        cl = self.cos_lc * cd - self.sin_lc * sd
-        sl = self.sin_lc * cd + self.cos_lc * sd
+        cos_lc, sin_lc = self.cos_lc[p], self.sin_lc[p]
+        cl = cos_lc * cd - sin_lc * sd
+        sl = sin_lc * cd + cos_lc * sd
         bx = r * cl
         by = r * sl
         if not deriv:
@@ -325,8 +377,9 @@ class _PixelGeometry:
             tz = -zsign * (2.0 / 3.0) * sigma * dsig
         return bx, by, z, tx, ty, tz
 
-    def curvature_bound(self, edge, t_lo, t_hi):
-        """Bound M on |d^2 B / dt^2| over the segments [t_lo, t_hi] of the given edges.
+    def curvature_bound(self, p, edge, t_lo, t_hi):
+        """Bound M on |d^2 B / dt^2| over the segments [t_lo, t_hi] of the given edges of pixels
+        ``p``.
 
         |d^2B/dt^2| = |B''| / n^2 with B'' taken w.r.t. the face coordinate:
         * equatorial zone (lon and z linear in the face coordinate, |z| <= 2/3):
@@ -336,18 +389,19 @@ class _PixelGeometry:
           |B''| <= |r''| + r phi'^2 + |2 r' phi' + r phi''| + |z''|
                 <= 0.477 + 2.0146 a^2/sigma^3 + 0.4683 a + 2/3 <= 1.65 + 2.02 a^2 / sigma_min^3.
         """
-        zone = self.zone[edge]
+        zone = self.zone[p, edge]
+        n = self.n[p]
         m = np.full(np.shape(t_lo), _M_EQUATORIAL)
         polar = zone != _ZONE_EQ
         if np.any(polar):
-            sig0 = self.sig0[edge]
-            slope = self.sig_slope[edge]
-            smin = np.minimum(sig0 + slope * t_lo, sig0 + slope * t_hi) / self.n
-            a = self.a[edge]
+            sig0 = self.sig0[p, edge]
+            slope = self.sig_slope[p, edge]
+            smin = np.minimum(sig0 + slope * t_lo, sig0 + slope * t_hi) / n
+            a = self.a[p, edge]
             smin_safe = np.where(smin > 0, smin, 1.0)
             ratio = np.where(a > 0, a * a / (smin_safe * smin_safe * smin_safe), 0.0)
             m = np.where(polar, _M_POLAR_CONST + _M_POLAR_COEF * ratio, m)
-        return m * ((1.0 + 1e-12) / (self.n * self.n))
+        return m * ((1.0 + 1e-12) / (n * n))
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,38 +505,24 @@ class _Polyline:
     distance to the pixel for points outside it.
     """
 
-    def __init__(self, geom: _PixelGeometry, fine: int):
-        """Chords of ``geom``'s boundary, ``fine`` times denser than the coarse polyline."""
+    def __init__(self, geom: _PixelGeometry, fine: int, coarse_stack: np.ndarray):
+        """A polyline of ``geom``'s boundary ``fine`` times denser than the coarse one (whose
+        chords :func:`_polylines` gives). The fine chords of a coarse piece are built when a
+        point first needs them (:func:`_fill_fine`): a destination's candidates come near a few
+        of its 32 pieces, and building all 2,048 fine chords was most of a polyline's cost."""
+        self.geom = geom
         self.fine = fine
-        per_edge = _POLY_COARSE * fine
-        t = np.arange(per_edge + 1, dtype=np.float64) / per_edge
-        # every node of every edge evaluated once; both levels' chords join some of them
-        nodes = [c.reshape(4, per_edge + 1) for c in geom.evaluate(np.repeat(np.arange(4), per_edge + 1), np.tile(t, 4))]
-        # (8, pieces, fine): gathered by piece for points of many pixels at once
-        self.fine_stack = self._chords(geom, nodes, t, 1).reshape(8, 4 * _POLY_COARSE, fine)
-        self.coarse_stack = self._chords(geom, nodes, t, fine)  # chords between every fine-th node
-        self.coarse_parts = tuple(self.coarse_stack)
+        self.coarse_stack = coarse_stack
+        self.coarse_parts = tuple(coarse_stack)
+        pieces = 4 * _POLY_COARSE
+        self.fine_stack = np.empty((8, pieces, fine))  # (8, pieces, fine): valid where fine_built
+        self.fine_built = np.zeros(pieces, dtype=bool)
 
-    @staticmethod
-    def _chords(geom: _PixelGeometry, nodes, t, every: int) -> np.ndarray:
-        """(8, 4 x chords per edge): start point (3), direction (3), 1 / |direction|^2 and the
-        allowance ``M h^2 / 8`` of the chords joining every ``every``-th node of each edge,
-        written into one array (a polyline is built for each destination a map worker meets)."""
-        t_lo, t_hi = t[:-1:every], t[every::every]
-        out = np.empty((8, 4, t_lo.size))
-        for k, c in enumerate(nodes):
-            out[k] = c[:, :-1:every]
-            np.subtract(c[:, every::every], out[k], out=out[3 + k])
-        dx, dy, dz = out[3], out[4], out[5]
-        len2 = dx * dx + dy * dy + dz * dz
-        out[6] = np.where(len2 > 0, 1.0 / np.where(len2 > 0, len2, 1.0), 0.0)
-        if geom.uniform_zone == _ZONE_EQ:  # one bound for the whole pixel
-            m = geom.curvature_bound(np.zeros(1, dtype=np.int64), t_lo[:1], t_hi[:1])
-        else:
-            edge = np.repeat(np.arange(4), t_lo.size)
-            m = geom.curvature_bound(edge, np.tile(t_lo, 4), np.tile(t_hi, 4)).reshape(4, t_lo.size)
-        out[7] = m * (t_hi - t_lo) ** 2 * 0.125 * (1 + 1e-12) + _SLACK
-        return out.reshape(8, -1)
+    def fine_chords(self, pieces) -> np.ndarray:
+        """(8, len(pieces), fine): the fine chords of the given coarse pieces."""
+        pieces = np.asarray(pieces, dtype=np.intp)
+        _fill_fine([(self, pieces)])
+        return self.fine_stack[:, pieces]
 
     def bracket(self, px, py, pz, chord_in, chord_out):
         """(surely_in, surely_out) for points outside the pixel: their chord to the boundary is
@@ -505,39 +545,143 @@ class _Polyline:
         return _many_bounds(px, py, pz, np.zeros(len(px), dtype=np.intp), [self], chord_in, chord_out)
 
 
+def _polylines(pixels: _Pixels, geoms: list[_PixelGeometry], fine: int) -> list[_Polyline]:
+    """The polylines of the pixels ``geoms`` (``pixels`` of them), ``fine`` times denser than the
+    coarse one: their coarse chords built in one pass, the fine ones when needed."""
+    count = len(pixels)
+    per_edge = _POLY_COARSE * fine
+    t = (np.arange(per_edge + 1, dtype=np.float64) / per_edge)[::fine]  # the fine polyline's nodes, every fine-th
+    p = np.repeat(np.arange(count), 4 * t.size)
+    edge = np.tile(np.repeat(np.arange(4), t.size), count)
+    nodes = [c.reshape(count, 4, t.size) for c in pixels.evaluate(p, edge, np.tile(t, 4 * count))]
+    m = pixels.curvature_bound(
+        np.repeat(np.arange(count), 4 * _POLY_COARSE), np.tile(np.repeat(np.arange(4), _POLY_COARSE), count),
+        np.tile(t[:-1], 4 * count), np.tile(t[1:], 4 * count),
+    ).reshape(count, 4, _POLY_COARSE)
+    coarse = _chord_table(nodes, t, m).reshape(8, count, 4 * _POLY_COARSE)
+    return [_Polyline(geom, fine, np.ascontiguousarray(coarse[:, k])) for k, geom in enumerate(geoms)]
+
+
+def _fill_fine(wanted: list[tuple[_Polyline, np.ndarray]]):
+    """Build the fine chords of the coarse pieces ``wanted`` (per polyline, piece indices) that
+    are not built yet, in one pass per density for every polyline (the same chords, bit for bit,
+    as building all of them: the same nodes, from the same parameters)."""
+    by_fine: dict[int, list[tuple[_Polyline, np.ndarray]]] = {}
+    for poly, pieces in wanted:
+        missing = np.unique(pieces[~poly.fine_built[pieces]])
+        if missing.size:
+            by_fine.setdefault(poly.fine, []).append((poly, missing))
+    for fine, items in by_fine.items():
+        pixels = _Pixels([poly.geom for poly, _ in items])
+        piece = np.concatenate([missing for _, missing in items])
+        owner = np.repeat(np.arange(len(items)), [missing.size for _, missing in items])
+        edge = piece // _POLY_COARSE
+        per_edge = _POLY_COARSE * fine
+        t = np.arange(per_edge + 1, dtype=np.float64) / per_edge
+        t_nodes = t[(piece % _POLY_COARSE)[:, None] * fine + np.arange(fine + 1)]  # (pieces, fine + 1)
+        nodes = [c.reshape(piece.size, fine + 1) for c in pixels.evaluate(
+            np.repeat(owner, fine + 1), np.repeat(edge, fine + 1), t_nodes.ravel())]
+        m = pixels.curvature_bound(
+            np.repeat(owner, fine), np.repeat(edge, fine), t_nodes[:, :-1].ravel(), t_nodes[:, 1:].ravel()
+        ).reshape(piece.size, fine)
+        chords = _chord_table(nodes, t_nodes, m)
+        start = 0
+        for poly, missing in items:
+            poly.fine_stack[:, missing] = chords[:, start : start + missing.size]
+            poly.fine_built[missing] = True  # after the chords: another thread sees them whole
+            start += missing.size
+
+
+def _chord_table(nodes, t_nodes, m) -> np.ndarray:
+    """(8, ..., K): start point (3), direction (3), 1 / |direction|^2 and the allowance
+    ``M h^2 / 8`` of the chords joining consecutive nodes (``nodes``: x, y, z arrays whose last
+    axis holds K + 1 nodes at the parameters ``t_nodes``; ``m``: each chord's curvature bound),
+    written into one array."""
+    x = nodes[0]
+    out = np.empty((8, *x.shape[:-1], x.shape[-1] - 1))
+    for k, c in enumerate(nodes):
+        out[k] = c[..., :-1]
+        np.subtract(c[..., 1:], out[k], out=out[3 + k])
+    dx, dy, dz = out[3], out[4], out[5]
+    len2 = dx * dx + dy * dy + dz * dz
+    out[6] = np.where(len2 > 0, 1.0 / np.where(len2 > 0, len2, 1.0), 0.0)
+    out[7] = m * (t_nodes[..., 1:] - t_nodes[..., :-1]) ** 2 * 0.125 * (1 + 1e-12) + _SLACK
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Branch and bound over the boundary
 # --------------------------------------------------------------------------------------------
+_C_LO = np.tile(np.arange(_COARSE_PER_EDGE, dtype=np.float64) / _COARSE_PER_EDGE, 4)
+_C_HI = np.tile(np.arange(1, _COARSE_PER_EDGE + 1, dtype=np.float64) / _COARSE_PER_EDGE, 4)
+_C_EDGE = np.repeat(np.arange(4), _COARSE_PER_EDGE)
+_C_MID = 0.5 * (_C_LO + _C_HI)
+_C_HW = 0.5 * (_C_HI - _C_LO)
+for _table in (_C_LO, _C_HI, _C_EDGE, _C_MID, _C_HW):
+    _table.flags.writeable = False  # shared by every solver
+
+
+def _solver_tables(pixels: _Pixels) -> list[tuple]:
+    """Per pixel of ``pixels``, what its :class:`_Solver` precomputes, in one pass for all:
+    the coarse segments' midpoints and tangents ``c_b``, ``|T|^2``, half their curvature bound,
+    their chord radius, the pixel's centre, a certified circumradius (upper bound of the
+    centre-boundary distance; the far-node chords of -C are chords seen from C) and the largest
+    curvature bound."""
+    count, segments = len(pixels), _C_EDGE.size
+    p = np.repeat(np.arange(count), segments)
+    edge = np.tile(_C_EDGE, count)
+    c_b = [c.reshape(count, segments) for c in pixels.evaluate(p, edge, np.tile(_C_MID, count), deriv=True)]
+    tx, ty, tz = c_b[3:]
+    a2 = tx * tx + ty * ty + tz * tz
+    half_m = 0.5 * pixels.curvature_bound(p, edge, np.tile(_C_LO, count), np.tile(_C_HI, count)).reshape(count, segments)
+    # chord radius of each segment around its midpoint: |s| |T| + M s^2 / 2
+    rho = (np.sqrt(a2) * _C_HW + half_m * _C_HW**2) * (1 + 1e-12) + _SLACK
+    cx, cy, cz = pixels.centers()
+    nodes = np.stack([-_C_HW, _C_HW], axis=-1)
+    fc = _far_node_chords(
+        -cx[:, None, None], -cy[:, None, None], -cz[:, None, None], [c[:, :, None] for c in c_b],
+        a2[:, :, None], half_m[:, :, None], nodes,
+    )
+    cub = fc.max(axis=(1, 2)) + 1e-14
+    circumradius = 2.0 * np.arcsin(np.minimum(0.5 * cub, 1.0)) * (1 + 1e-12) + 1e-14
+    max_curvature = 2.0 * half_m.max(axis=1)  # the segments' curvature bound
+    return [
+        (tuple(c[k] for c in c_b), a2[k], half_m[k], rho[k], (float(cx[k]), float(cy[k]), float(cz[k])),
+         float(circumradius[k]), float(max_curvature[k]))
+        for k in range(count)
+    ]
+
+
+def _polylines_for(solvers: list[_Solver], thr: float) -> list[_Polyline]:
+    """Each solver's polyline bracket for threshold ``thr`` (radians); the ones not built yet are
+    built together, one pass per density."""
+    fines = [s.fine_for(thr) for s in solvers]
+    missing: dict[int, list[_Solver]] = {}
+    for solver, fine in zip(solvers, fines):
+        if fine not in solver.polylines:
+            missing.setdefault(fine, []).append(solver)
+    for fine, group in missing.items():
+        geoms = [s.g for s in group]
+        for solver, poly in zip(group, _polylines(_Pixels(geoms), geoms, fine)):
+            solver.polylines[fine] = poly
+    return [s.polylines[f] for s, f in zip(solvers, fines)]
+
+
 class _Solver:
     """Distances from points to one pixel's boundary: branch and bound over its four edges,
     with certified lower/upper bounds; meridian edges are solved in closed form.
     """
 
-    def __init__(self, geom: _PixelGeometry):
-        """Precompute the coarse edge segments, their bounds, the pixel's centre and circumradius."""
+    c_edge, c_lo, c_hi, c_mid, c_hw = _C_EDGE, _C_LO, _C_HI, _C_MID, _C_HW
+    """The coarse edge segments (the same parameters for every pixel)."""
+
+    def __init__(self, geom: _PixelGeometry, tables: tuple | None = None):
+        """The coarse segments' points, tangents and bounds, the pixel's centre and circumradius:
+        ``tables``, its entry of :func:`_solver_tables` (computed here if not given)."""
         self.g = geom
-        k = _COARSE_PER_EDGE
-        self.c_edge = np.repeat(np.arange(4), k)
-        self.c_lo = np.tile(np.arange(k, dtype=np.float64) / k, 4)
-        self.c_hi = np.tile(np.arange(1, k + 1, dtype=np.float64) / k, 4)
-        self.c_mid = 0.5 * (self.c_lo + self.c_hi)
-        self.c_b = geom.evaluate(self.c_edge, self.c_mid, deriv=True)
-        tx, ty, tz = self.c_b[3:]
-        self.c_a2 = tx * tx + ty * ty + tz * tz
-        self.c_half_m = 0.5 * geom.curvature_bound(self.c_edge, self.c_lo, self.c_hi)
-        self.c_hw = 0.5 * (self.c_hi - self.c_lo)
-        # chord radius of each segment around its midpoint: |s| |T| + M s^2 / 2
-        self.c_rho = (np.sqrt(self.c_a2) * self.c_hw + self.c_half_m * self.c_hw**2) * (1 + 1e-12) + _SLACK
-        # Pixel centre and a certified circumradius (upper bound of the centre-boundary
-        # distance; the far-node chords of -C are chords seen from C).
-        self.center = geom.center()
-        cx, cy, cz = self.center
-        nodes = np.stack([-self.c_hw, self.c_hw], axis=-1)
-        fc = _far_node_chords(
-            -cx, -cy, -cz, [c[:, None] for c in self.c_b], self.c_a2[:, None], self.c_half_m[:, None], nodes
-        )
-        cub = float(np.max(fc)) + 1e-14
-        self.circumradius = float(2.0 * np.arcsin(min(0.5 * cub, 1.0))) * (1 + 1e-12) + 1e-14
+        if tables is None:
+            tables = _solver_tables(geom.as_pixels)[0]
+        self.c_b, self.c_a2, self.c_half_m, self.c_rho, self.center, self.circumradius, self.max_curvature = tables
         # Polar edges on a face border (a == 0) are meridian arcs, i.e. great circles: their
         # distance is computed exactly, which also avoids the one flat case of the branch
         # and bound (points 90 deg from the meridian plane are equidistant from all of it).
@@ -551,21 +695,21 @@ class _Solver:
             ends = (ex_, ey_, ez_)
             self.meridians.append((float(mx[0]) / rm, float(my[0]) / rm, float(theta.min()), float(theta.max()), ends))
         self.polylines: dict[int, _Polyline] = {}
-        self.max_curvature = float(2.0 * np.max(self.c_half_m))  # the segments' curvature bound
         self.c_skip = np.isin(self.c_edge, meridian_edges) if meridian_edges else np.zeros(self.c_edge.size, dtype=bool)
 
-    def polyline(self, thr: float) -> _Polyline:
-        """The polyline bracket fine enough for threshold ``thr`` (radians): fine allowances
-        about ``thr * _POLY_TARGET`` (at most ``_POLY_MAX_FINE`` fine chords per coarse one)."""
+    def fine_for(self, thr: float) -> int:
+        """Fine chords per coarse one of the polyline bracket for threshold ``thr`` (radians): fine
+        allowances about ``thr * _POLY_TARGET`` (at most ``_POLY_MAX_FINE``)."""
         h0 = 1.0 / _POLY_COARSE
         want = h0 * np.sqrt(self.max_curvature / (8.0 * _POLY_TARGET * max(thr, 1e-300)))
         fine = 1
         while fine < want and fine < _POLY_MAX_FINE:
             fine *= 2
-        poly = self.polylines.get(fine)
-        if poly is None:
-            poly = self.polylines[fine] = _Polyline(self.g, fine)
-        return poly
+        return fine
+
+    def polyline(self, thr: float) -> _Polyline:
+        """The polyline bracket fine enough for threshold ``thr`` (radians)."""
+        return _polylines_for([self], thr)[0]
 
     def _meridian_distance(self, px, py, pz, merid):
         """Exact distance from points to a meridian arc (great circle through the pole)."""
@@ -771,18 +915,28 @@ _GEOMETRY_LOCK = threading.Lock()
 
 
 def _solver_for(order: int, pixel: int) -> _Solver:
-    """The cached solver of a pixel (the least recently used of 1,024 goes first: a map worker
-    meets each destination from each of its neighbours, which come soon after one another)."""
-    key = (order, pixel)
+    """The cached solver of a pixel."""
+    return _solvers_for([(order, pixel)])[0]
+
+
+def _solvers_for(keys: list[tuple[int, int]]) -> list[_Solver]:
+    """The cached solvers of the pixels ``(order, pixel)`` (the least recently used of 1,024 go
+    first: a map worker meets each destination from each of its neighbours, which come soon after
+    one another); the ones not cached are built together, in one pass."""
     with _GEOMETRY_LOCK:  # worker threads share the cache
-        solver = _GEOMETRY_CACHE.pop(key, None)
-    if solver is None:
-        solver = _Solver(_PixelGeometry(order, pixel))
+        found = [_GEOMETRY_CACHE.pop(key, None) for key in keys]
+    missing = [k for k, solver in enumerate(found) if solver is None]
+    if missing:
+        geoms = [_PixelGeometry(*keys[k]) for k in missing]
+        for k, geom, tables in zip(missing, geoms, _solver_tables(_Pixels(geoms))):
+            found[k] = _Solver(geom, tables)
     with _GEOMETRY_LOCK:
-        while len(_GEOMETRY_CACHE) >= _GEOMETRY_CACHE_SIZE:
-            del _GEOMETRY_CACHE[next(iter(_GEOMETRY_CACHE))]
-        _GEOMETRY_CACHE[key] = solver  # most recently used last
-    return solver
+        for key, solver in zip(keys, found):
+            _GEOMETRY_CACHE.pop(key, None)
+            while len(_GEOMETRY_CACHE) >= _GEOMETRY_CACHE_SIZE:
+                del _GEOMETRY_CACHE[next(iter(_GEOMETRY_CACHE))]
+            _GEOMETRY_CACHE[key] = solver  # most recently used last
+    return found
 
 
 def _prepare_points(ra_deg, dec_deg):
@@ -985,7 +1139,7 @@ def within_thresholds_of_pixels(ra_deg, dec_deg, dest, orders, pixels, threshold
     solvers, local = _solvers_of(dest[idx_all], orders, pixels)
     centers = np.array([s.center for s in solvers])
     chord_in, chord_out, chord_out_exact = _cap_and_bracket_chords(thr, np.array([s.circumradius for s in solvers]))
-    polys = [[s.polyline(float(t)) for s in solvers] for t in thr]
+    polys = [_polylines_for(solvers, float(t)) for t in thr]
     result = out[which]
     for start in range(0, idx_all.size, _MANY_CHUNK):
         idx = idx_all[start : start + _MANY_CHUNK]
@@ -1021,7 +1175,7 @@ def distance_bounds_to_pixels_arcsec(ra_deg, dec_deg, dest, orders, pixels, reso
     if ra.size == 0:
         return lower, upper
     solvers, local = _solvers_of(dest, orders, pixels)
-    polys = [s.polyline(float(resolution_arcsec) / ARCSEC_PER_RAD) for s in solvers]
+    polys = _polylines_for(solvers, float(resolution_arcsec) / ARCSEC_PER_RAD)
     no_threshold_in, no_threshold_out = np.array([-1.0]), np.array([np.inf])
     for start in range(0, ra.size, _MANY_CHUNK):
         part = slice(start, start + _MANY_CHUNK)
@@ -1036,8 +1190,12 @@ def _solvers_of(dest, orders, pixels):
     """The solvers of the pixels ``dest`` refers to (each once) and each point's index into them."""
     used, local = np.unique(dest, return_inverse=True)
     orders, pixels = np.asarray(orders).ravel(), np.asarray(pixels).ravel()
-    solvers = [_solver_for(*_check_pixel(orders[u], pixels[u])) for u in used.tolist()]
-    return solvers, local.ravel()
+    keys = [_check_pixel(orders[u], pixels[u]) for u in used.tolist()]
+    first = {}  # a pixel listed more than once (destinations of several row groups): one solver
+    for key in keys:
+        first.setdefault(key, len(first))
+    solvers = _solvers_for(list(first))
+    return solvers, np.array([first[key] for key in keys], dtype=np.intp)[local.ravel()]
 
 
 def _runs_of(keys):
@@ -1068,6 +1226,7 @@ def _many_bounds(px, py, pz, dest, polys, chord_in, chord_out):
     pair_upper = np.empty(point.size)
     pair_lower = np.empty(point.size)
     by_dest, runs = _runs_of(dest[point])
+    _fill_fine([(polys[dest[point[by_dest[lo]]]], piece[by_dest[lo:hi]]) for lo, hi in runs])
     for lo, hi in runs:
         poly = polys[dest[point[by_dest[lo]]]]
         step = max(1, _CHUNK_ENTRIES // poly.fine)
