@@ -83,6 +83,12 @@ Method
   reach the branch and bound (on a 1 M-row sky: the exact filter 1.8x faster at 10 arcsec,
   1.7x at 60, 1.25x at 1 than without the bracket; at 3600 arcsec an allowance of threshold /
   64 left 5,847 points of 1.1 M candidates to the branch and bound, threshold / 4096 leaves 179).
+  The fine chords of a coarse piece are built the first time a point comes near it.
+* Construction: a map worker meets hundreds to thousands of destination pixels, each with a few
+  candidates. The solvers and polylines of a call's new pixels are built together (``_Pixels``
+  holds their constants side by side; ``_solver_tables``, ``_polylines``, ``_fill_fine``): the
+  same chords, bit for bit, as one pixel at a time: ~0.15 ms per pixel in groups of 64, the fine
+  chords apart (0.5 ms per pixel, fine chords included, one at a time before).
 * Work arrays are chunked to <= 2**21 entries (points x segments, tasks x sub-intervals).
 
 Measured speed (2 vCPU container shared with other jobs, numpy 2.4, best of 3 runs; pixel 4000
