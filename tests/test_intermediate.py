@@ -63,6 +63,22 @@ def batches_of(size):
     return lambda n_tasks, threads: size
 
 
+def rerun_redoes_only(client, monkeypatch, source, root: Path, key: str, batch: int | None = None):
+    """Re-run the build of ``source`` into ``root`` (a map task ``key`` failed in it): only that task
+    runs again, the other 13 are skipped, and the margin is a fresh build's."""
+    real = mapping.map_partition
+    ran = []
+    with monkeypatch.context() as patch:
+        if batch is not None:
+            patch.setattr(runner, "batch_size", batches_of(batch))
+        patch.setattr(mapping, "map_partition", lambda task, *rest: ran.append(task.key) or real(task, *rest))
+        result = pipeline_with_client(make_args(source, root), client)
+    assert ran == [key] and result.skipped_tasks["mapping"] == 13
+    fresh = pipeline_with_client(make_args(source, root / "fresh"), client)
+    assert rows_per_pixel(root / "out" / NAME) == rows_per_pixel(root / "fresh" / "out" / NAME)
+    assert result.total_rows == fresh.total_rows
+
+
 def markers_of(base: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((base / "mapping").glob("*.json"))]
 
@@ -172,15 +188,7 @@ def test_a_failing_task_fails_alone_and_the_rest_of_its_batch_is_kept(client, co
     markers = markers_of(base)
     assert len(markers) == 3 and sum(len(m["tasks"]) for m in markers) == 13
     assert any(len(m["tasks"]) == 4 for m in markers), "the failing task's batch still publishes the rest"
-    ran = []
-    with monkeypatch.context() as patch:
-        patch.setattr(runner, "batch_size", batches_of(2))
-        patch.setattr(mapping, "map_partition", lambda task, *rest: ran.append(task.key) or real(task, *rest))
-        result = pipeline_with_client(args, client)
-    assert ran == ["2_180"] and result.skipped_tasks["mapping"] == 13
-    fresh = pipeline_with_client(make_args(source, tmp_path / "fresh"), client)
-    assert rows_per_pixel(tmp_path / "out" / NAME) == rows_per_pixel(tmp_path / "fresh" / "out" / NAME)
-    assert result.total_rows == fresh.total_rows
+    rerun_redoes_only(client, monkeypatch, source, tmp_path, "2_180", batch=2)
 
 
 @pytest.mark.parametrize(("first", "second"), [(5, 3), (3, 14)])
@@ -430,12 +438,4 @@ def test_a_task_whose_waiting_rows_cannot_be_sent_fails_alone(client, copy_catal
     assert any("Norder=2/Npix=180" in note for note in info.value.failures["2_180"].__notes__)
     markers = markers_of(Path(args.tmp_dir) / NAME / "intermediate")
     assert len(markers) == 1 and len(markers[0]["tasks"]) == 13 and "2_180" not in markers[0]["tasks"]
-    ran = []
-    with monkeypatch.context() as patch:
-        real_map = mapping.map_partition
-        patch.setattr(mapping, "map_partition", lambda task, *rest: ran.append(task.key) or real_map(task, *rest))
-        result = pipeline_with_client(args, client)
-    assert ran == ["2_180"] and result.skipped_tasks["mapping"] == 13
-    fresh = pipeline_with_client(make_args(source, tmp_path / "fresh"), client)
-    assert rows_per_pixel(tmp_path / "out" / NAME) == rows_per_pixel(tmp_path / "fresh" / "out" / NAME)
-    assert result.total_rows == fresh.total_rows
+    rerun_redoes_only(client, monkeypatch, source, tmp_path, "2_180")
