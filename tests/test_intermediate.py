@@ -439,3 +439,41 @@ def test_a_task_whose_waiting_rows_cannot_be_sent_fails_alone(client, copy_catal
     markers = markers_of(Path(args.tmp_dir) / NAME / "intermediate")
     assert len(markers) == 1 and len(markers[0]["tasks"]) == 13 and "2_180" not in markers[0]["tasks"]
     rerun_redoes_only(client, monkeypatch, source, tmp_path, "2_180")
+
+
+def test_a_task_failing_after_some_of_its_row_groups_wait_sends_none_of_them(client, wide_row_groups, tmp_path,
+                                                                             monkeypatch):
+    """A task that fails on a later row group, its earlier small row groups' candidates waiting for
+    the batch's joint test, sends none of them; the other tasks of the batch send theirs and are
+    listed in the marker."""
+    keys = sorted(f"{o}_{p}" for o, p in (map(int, line.split(",")[:2])
+                  for line in (wide_row_groups / "partition_info.csv").read_text().split()[1:]))
+    failing = keys[0]
+    calls, sent = tmp_path / "calls.txt", tmp_path / "sent.txt"
+    real_check, real_send = mapping._check_rows_in_partition, mapping._Candidates.send
+
+    def fails_on_the_third_row_group(task, path, spatial_index):
+        with open(calls, "a") as handle:
+            handle.write(task.key + "\n")
+        if task.key == failing and calls.read_text().split().count(failing) == 3:
+            raise RuntimeError("simulated failure on a later row group")
+        return real_check(task, path, spatial_index)
+
+    def recording_send(self, within):
+        with open(sent, "a") as handle:
+            handle.write(self.task.key + "\n")
+        return real_send(self, within)
+
+    monkeypatch.setattr(runner, "batch_size", batches_of(len(keys)))
+    monkeypatch.setattr(mapping, "_check_rows_in_partition", fails_on_the_third_row_group)
+    monkeypatch.setattr(mapping._Candidates, "send", recording_send)
+    args = make_args(wide_row_groups, tmp_path)
+    with pytest.raises(StageFailedError, match=failing) as info:
+        pipeline_with_client(args, client)
+    assert list(info.value.failures) == [failing]
+    assert calls.read_text().split().count(failing) == 3  # two of its row groups waited first
+    sent_by = set(sent.read_text().split())
+    assert failing not in sent_by and sent_by == set(keys) - {failing}
+    (marker,) = markers_of(Path(args.tmp_dir) / NAME / "intermediate")
+    assert sorted(marker["tasks"]) == sorted(set(keys) - {failing})
+    assert all(any(payload["rows"].values()) for payload in marker["tasks"].values())
