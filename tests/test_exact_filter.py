@@ -188,11 +188,13 @@ def test_polyline_bracket_spares_the_branch_and_bound_and_changes_no_answer(orde
     assert sum(solved) < len(ra) / 10
     assert 0.2 < fast.mean() < 0.8
 
-    def no_bracket(self, px, py, pz, chord_in, chord_out):
-        return np.zeros(len(px), dtype=bool), np.zeros(len(px), dtype=bool)
+    def no_bracket(px, py, pz, dest, polys, chord_in, chord_out):  # bounds that decide nothing
+        return np.full(len(px), np.inf), np.zeros(len(px))
 
-    monkeypatch.setattr(pixel_distance._Polyline, "bracket", no_bracket)
+    monkeypatch.setattr(pixel_distance, "_many_bounds", no_bracket)
+    solved.clear()
     assert np.array_equal(fast, within_threshold_of_pixel(ra, dec, order, pixel, thr, known_outside=True))
+    assert sum(solved) > len(ra) / 2  # without the bracket the branch and bound decides them
     # at the threshold's edge the answers are exact
     monkeypatch.undo()
     dist = pixel_distance.distance_to_pixel_arcsec(ra[:300], dec[:300], order, pixel)

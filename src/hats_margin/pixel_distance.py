@@ -530,26 +530,6 @@ class _Polyline:
         _fill_fine([(self, pieces)])
         return self.fine_stack[:, pieces]
 
-    def bracket(self, px, py, pz, chord_in, chord_out):
-        """(surely_in, surely_out) for points outside the pixel: their chord to the boundary is
-        certainly <= ``chord_in`` / certainly > ``chord_out``. Points in neither need the
-        branch and bound."""
-        upper, lower = self.bounds(px, py, pz, np.array([chord_in]), np.array([chord_out]))
-        return upper <= chord_in, lower > chord_out
-
-    def bounds(self, px, py, pz, chord_in, chord_out):
-        """(upper, lower) chord bounds from points outside the pixel to its boundary, fine
-        enough to decide them against several thresholds at once.
-
-        ``chord_in`` and ``chord_out`` are arrays (one entry per threshold, largest threshold
-        first). ``upper`` is a certified upper bound of the chord. ``lower`` is a certified
-        lower bound wherever it is <= ``chord_out[0]``; above it, it only certifies
-        ``chord > chord_out[k]`` for every k with ``lower > chord_out[k]`` (the fine level looks only at
-        the pieces that may hold a point nearer than both the best upper bound and
-        ``chord_out[0]``). The fine level runs for the points that no coarse bound decides
-        against every threshold."""
-        return _many_bounds(px, py, pz, np.zeros(len(px), dtype=np.intp), [self], chord_in, chord_out)
-
 
 def _polylines(pixels: _Pixels, geoms: list[_PixelGeometry], fine: int) -> list[_Polyline]:
     """The polylines of the pixels ``geoms`` (``pixels`` of them), ``fine`` times denser than the
@@ -1212,8 +1192,16 @@ def _runs_of(keys):
 
 
 def _many_bounds(px, py, pz, dest, polys, chord_in, chord_out):
-    """``_Polyline.bounds`` for points of many pixels: point ``i`` against ``polys[dest[i]]``
-    (the one computation of both)."""
+    """(upper, lower) chord bounds from points outside their pixels to the boundary (point ``i``
+    against the polyline ``polys[dest[i]]``), fine enough to decide them against several
+    thresholds at once.
+
+    ``chord_in`` and ``chord_out`` are arrays (one entry per threshold, largest threshold first).
+    ``upper`` is a certified upper bound of the chord. ``lower`` is a certified lower bound
+    wherever it is <= ``chord_out[0]``; above it, it only certifies ``chord > chord_out[k]`` for
+    every k with ``lower > chord_out[k]`` (the fine level looks only at the pieces that may hold a
+    point nearer than both the best upper bound and ``chord_out[0]``). The fine level runs for
+    the points that no coarse bound decides against every threshold."""
     if len(polys) == 1:  # one pixel: its chords broadcast against every point
         ax, ay, az, dx, dy, dz, inv, eps = polys[0].coarse_parts
     else:
