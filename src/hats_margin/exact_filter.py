@@ -125,9 +125,7 @@ def pairs_within_thresholds_of_parts(parts: list[CandidatePairs], thresholds_arc
     )
     out = []
     for (keep, cell_decided, active), lo, hi in zip(decided, np.cumsum([0, *counts[:-1]]), np.cumsum(counts)):
-        if active.size == 0:
-            pass
-        elif cell_decided is None:
+        if cell_decided is None:
             keep[:, active] = within[:, lo:hi]
         else:  # a cell's decision stands for the thresholds it decided
             keep[:, active] = np.where(cell_decided[:, active], keep[:, active], within[:, lo:hi])

@@ -467,33 +467,30 @@ class _Deferred:
         self.bytes = sum(c.row_group.decoded_bytes for c in self.waiting)
 
     def resolve(self) -> list[tuple[MapTask, Exception]]:
-        """Test every waiting candidate (one call per set of thresholds) and send the pairs kept;
-        returns the tasks that failed, each with its error (naming its partition). A failed test
-        fails every task waiting on it; a failed send fails its task only."""
+        """Test every waiting candidate in one call (the tasks of a batch share their run's
+        thresholds) and send the pairs kept; returns the tasks that failed, each with its error
+        (naming its partition). A failed test fails every task waiting on it; a failed send fails
+        its task only."""
         waiting, self.waiting, self.bytes = self.waiting, [], 0
+        if not waiting:
+            return []
+        try:
+            within = pairs_within_thresholds_of_parts([c.pairs for c in waiting], waiting[0].task.thresholds)
+        except Exception as exc:  # noqa: BLE001 - reported for every task waiting on it
+            sources = sorted({f"Norder={c.task.source[0]}/Npix={c.task.source[1]}" for c in waiting})
+            exc.add_note(f"hats-margin: while testing the candidates of partitions {', '.join(sources)} together")
+            return list({c.task.key: (c.task, exc) for c in waiting}.values())
         failed: dict[str, tuple[MapTask, Exception]] = {}
-        by_thresholds: dict[tuple[float, ...], list[_Candidates]] = {}
-        for candidates in waiting:
-            by_thresholds.setdefault(candidates.task.thresholds, []).append(candidates)
-        for thresholds, group in by_thresholds.items():
-            try:
-                within = pairs_within_thresholds_of_parts([c.pairs for c in group], thresholds)
-            except Exception as exc:  # noqa: BLE001 - reported for every task waiting on it
-                sources = sorted({f"Norder={c.task.source[0]}/Npix={c.task.source[1]}" for c in group})
-                exc.add_note(f"hats-margin: while testing the candidates of partitions {', '.join(sources)} together")
-                for c in group:
-                    failed.setdefault(c.task.key, (c.task, exc))
+        for candidates, kept in zip(waiting, within):
+            if candidates.task.key in failed:
                 continue
-            for candidates, kept in zip(group, within):
-                if candidates.task.key in failed:
-                    continue
-                try:
-                    candidates.send(kept)
-                except Exception as exc:  # noqa: BLE001 - this task fails alone
-                    _note_partition(exc, candidates.task)
-                    failed[candidates.task.key] = (candidates.task, exc)
-                    if candidates.writers.shard.broken:
-                        break
+            try:
+                candidates.send(kept)
+            except Exception as exc:  # noqa: BLE001 - this task fails alone
+                _note_partition(exc, candidates.task)
+                failed[candidates.task.key] = (candidates.task, exc)
+                if candidates.writers.shard.broken:
+                    break
         return list(failed.values())
 
 
